@@ -1,0 +1,57 @@
+"""`orthrus-gguf info`: what a GGUF file holds, from its header alone."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from ..errors import OrthrusError
+
+SHOWN = ("context_length", "embedding_length", "block_count", "feed_forward_length",
+         "attention.head_count", "attention.head_count_kv", "attention.key_length",
+         "rope.freq_base", "vocab_size", "diffusion.block_size", "diffusion.mask_token_id")
+
+
+def read_gguf(path: str | Path):
+    from gguf import GGUFReader
+    path = Path(path)
+    if not path.is_file():
+        raise OrthrusError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise OrthrusError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:
+        raise OrthrusError(f"{path}: cannot read GGUF ({type(e).__name__}: {e})") from None
+
+
+def field_value(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    v = f.contents()
+    return v
+
+
+def gguf_info(path: str | Path) -> dict:
+    r = read_gguf(path)
+    arch = field_value(r, "general.architecture")
+    info = {"file": str(path), "architecture": arch, "name": field_value(r, "general.name"),
+            "file_size": Path(path).stat().st_size, "tensor_count": len(r.tensors),
+            "tensor_types": dict(Counter(t.tensor_type.name for t in r.tensors).most_common())}
+    for k in SHOWN:
+        v = field_value(r, f"{arch}.{k}")
+        if v is not None:
+            info[k] = v
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        info["n_tokens"] = len(tokens.data)
+    return info
+
+
+def format_info(info: dict) -> str:
+    size = info["file_size"]
+    lines = [f"{k:>26}: {v}" for k, v in info.items() if k not in ("file_size", "tensor_types")]
+    lines.append(f"{'file_size':>26}: {size} bytes ({size / 2**20:.1f} MiB)")
+    lines.append(f"{'tensor_types':>26}: " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()))
+    return "\n".join(lines)
