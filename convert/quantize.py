@@ -1,0 +1,54 @@
+"""k-quants and the other llama-quantize types: convert losslessly, then run the patched llama-quantize.
+
+The six `_diff` tensors are named so that llama-quantize's per-tensor bumps (which match
+`attn_v.weight`, `attn_output.weight`, …) skip them: they get the ftype's base type. The
+diffusion view only drafts; its quantization error can lower acceptance, never change the
+output, so the bits are better spent on the AR view that decides every token.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, resolve
+from ..errors import OrthrusError
+from .writer import convert_checkpoint
+
+# llama-quantize's ftype names (lower case) that need no importance matrix.
+QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l",
+               "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
+LOSSLESS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def llama_quantize() -> Path:
+    from ..build import find_binary
+    return find_binary("llama-quantize")
+
+
+def convert_quantized(model, out, qtype: str, force: bool = False, progress: bool = True,
+                      threads: int | None = None) -> Path:
+    if qtype not in QUANT_TYPES:
+        from .writer import OUTTYPES
+        raise OrthrusError(f"unknown --outtype {qtype!r}; expected one of "
+                           f"{', '.join(list(OUTTYPES) + list(QUANT_TYPES))}")
+    src = resolve(str(model))
+    out = Path(out) if out else Path(f"{src.name}-{qtype}.gguf")
+    if out.exists() and not force:
+        raise OrthrusError(f"{out}: already exists; pass --force to overwrite it")
+    tool = llama_quantize()  # before any work: a missing build is the first thing to say
+    base_type = LOSSLESS[Checkpoint(src).config.torch_dtype]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".orthrus-quant-", dir=out.parent) as tmp:
+        base = convert_checkpoint(src, Path(tmp) / f"base-{base_type}.gguf", base_type, progress=progress)
+        part = Path(tmp) / "quantized.gguf"
+        cmd = [str(tool), str(base), str(part), qtype.upper(), str(threads or os.cpu_count() or 1)]
+        if progress:
+            print(f"quantizing to {qtype} with {tool.name} …", flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not part.is_file():
+            tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+            raise OrthrusError(f"llama-quantize failed (exit {r.returncode}) for {qtype}:\n{tail}")
+        os.replace(part, out)
+    return out

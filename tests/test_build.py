@@ -1,0 +1,126 @@
+"""orthrus_gguf.build: cache keys, patch failures, the no-op second build, lazy loading."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orthrus_gguf import build
+from orthrus_gguf.errors import OrthrusError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def data_copy(tmp_path):
+    """A copy of patches/ and native/ whose bytes a test may change."""
+    for d in ("patches", "native"):
+        shutil.copytree(REPO / d, tmp_path / d)
+    return tmp_path
+
+
+def test_patch_series_is_numbered_and_nonempty():
+    patches = build.patch_files()
+    assert patches, "no patches"
+    for i, p in enumerate(patches, 1):
+        assert p.name.startswith(f"{i:04d}-"), p.name
+        text = p.read_text()
+        assert text.startswith("From ") and "Subject: [PATCH" in text, f"{p.name} is not git format-patch output"
+    assert any(rel == "src/llama-orthrus.cpp" for _, rel in build.native_files())
+
+
+def test_key_depends_on_every_input(data_copy):
+    base = build.build_key("cpu", data_copy)
+    assert base == build.build_key("cpu", data_copy)
+    assert build.build_key("cuda", data_copy) != base
+
+    native = data_copy / "native" / "src" / "llama-orthrus.cpp"
+    native.write_bytes(native.read_bytes() + b"\n")
+    changed_native = build.build_key("cpu", data_copy)
+    assert changed_native != base
+
+    patch = sorted((data_copy / "patches").glob("*.patch"))[-1]
+    patch.write_bytes(patch.read_bytes() + b"\n")
+    assert build.build_key("cpu", data_copy) not in (base, changed_native)
+
+    # the README does not change the build
+    readme = data_copy / "native" / "README.md"
+    before = build.build_key("cpu", data_copy)
+    readme.write_text(readme.read_text() + "\nmore words\n")
+    assert build.build_key("cpu", data_copy) == before
+
+
+def test_cache_location_overrides(monkeypatch, tmp_path):
+    monkeypatch.delenv("ORTHRUS_GGUF_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert build.cache_root() == tmp_path / "xdg" / "orthrus-gguf"
+    monkeypatch.setenv("ORTHRUS_GGUF_CACHE", str(tmp_path / "mine"))
+    assert build.cache_root() == tmp_path / "mine"
+    assert build.library_dir("cpu") is None  # nothing built there
+    monkeypatch.setenv("ORTHRUS_GGUF_LIB_DIR", str(tmp_path / "lib"))
+    assert build.library_dir() == tmp_path / "lib"
+
+
+def test_unknown_backend():
+    with pytest.raises(OrthrusError, match="unknown backend"):
+        build.build_key("rocm")
+
+
+def test_failing_patch_names_the_patch(data_copy, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "llama-arch.h").write_text("not the upstream file\n")
+    first = sorted((data_copy / "patches").glob("*.patch"))[0]
+    with pytest.raises(OrthrusError) as e:
+        build.apply_patches(tree, data_copy, progress=False)
+    assert first.name in str(e.value) and "to recover" in str(e.value)
+
+
+def test_missing_data_is_a_clear_error(monkeypatch, tmp_path):
+    fake = tmp_path / "pkg" / "orthrus_gguf" / "build.py"
+    fake.parent.mkdir(parents=True)
+    monkeypatch.setattr(build, "__file__", str(fake))
+    with pytest.raises(OrthrusError, match="patches/ and native/ not found"):
+        build.data_root()
+
+
+def test_second_build_is_a_cache_hit(monkeypatch):
+    """After `orthrus-gguf build` (CI does it first) nothing is rebuilt: no subprocess, the
+    marker untouched, well under a second."""
+    lib = build.library_dir("cpu")
+    if lib is None:
+        pytest.fail("no finished cpu build for the current sources: run `orthrus-gguf build`")
+    marker = lib / build.MARKER
+    mtime = marker.stat().st_mtime_ns
+
+    def no_subprocess(*a, **k):
+        raise AssertionError(f"build() ran a command on a cache hit: {a[0] if a else k}")
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    t0 = time.monotonic()
+    assert build.build("cpu", progress=False) == lib
+    assert time.monotonic() - t0 < 1.0
+    assert marker.stat().st_mtime_ns == mtime
+    for name in ("libllama.so", "llama-quantize", "llama-server", "build-info.json"):
+        assert (lib / name).exists(), name
+
+
+def test_import_is_lazy_and_missing_build_is_explained(tmp_path):
+    code = (
+        "import sys, orthrus_gguf, orthrus_gguf.native as n\n"
+        "assert 'llama_cpp' not in sys.modules\n"
+        "try:\n"
+        "    n.load()\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORTHRUS_GGUF_", "LLAMA_CPP_LIB"))}
+    env["ORTHRUS_GGUF_CACHE"] = str(tmp_path / "empty-cache")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "OrthrusError" in r.stdout and "orthrus-gguf build" in r.stdout, r.stdout
