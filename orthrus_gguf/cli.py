@@ -47,5 +47,98 @@ def info(gguf_file):
     click.echo(format_info(gguf_info(gguf_file)))
 
 
+@main.command()
+@click.option("--cuda", "backend", flag_value="cuda", help="build with CUDA")
+@click.option("--metal", "backend", flag_value="metal", help="build with Metal")
+@click.option("--vulkan", "backend", flag_value="vulkan", help="build with Vulkan")
+@click.option("--cpu", "backend", flag_value="cpu", default=True, help="CPU only (default)")
+@click.option("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: all cores)")
+@click.option("--force", is_flag=True, help="rebuild even if the cache has this build")
+def build(backend, jobs, force):
+    """Build the patched llama.cpp (libllama, llama-server, llama-quantize) into the user cache."""
+    from .build import build as run_build
+    path = run_build(backend or "cpu", jobs=jobs, force=force)
+    click.echo(str(path))
+
+
+def block_option(value):
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit():
+        raise click.BadParameter(f"expected an integer or 'auto', got {value!r}")
+    return int(value)
+
+
+MODEL_OPTIONS = [
+    click.option("-m", "--model", required=True, type=click.Path(), help="GGUF file"),
+    click.option("--n-ctx", default=4096, show_default=True, help="context length"),
+    click.option("--threads", type=int, default=None, help="CPU threads (default: all cores, up to 8)"),
+    click.option("--n-gpu-layers", "-ngl", default=0, show_default=True, help="layers to offload (-1: all)"),
+]
+
+
+def model_options(f):
+    for opt in reversed(MODEL_OPTIONS):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@model_options
+@click.option("-p", "--prompt", required=True, help="prompt text (with --chat: the user message)")
+@click.option("--chat", is_flag=True, help="wrap the prompt in the GGUF's chat template")
+@click.option("--max-tokens", "-n", default=256, show_default=True)
+@click.option("--temp", default=0.0, show_default=True, help="temperature (0: greedy, lossless)")
+@click.option("--top-k", default=20, show_default=True)
+@click.option("--top-p", default=0.8, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--mode", type=click.Choice(["orthrus", "ar"]), default="orthrus", show_default=True)
+@click.option("--block-size", default=None, help="draft block: an integer, or 'auto' (default: the GGUF's)")
+@click.option("--stats", "show_stats", is_flag=True, help="print decoding statistics at the end")
+def generate(model, n_ctx, threads, n_gpu_layers, prompt, chat, max_tokens, temp, top_k, top_p, seed,
+             mode, block_size, show_stats):
+    """Stream a completion to stdout."""
+    import json
+
+    from .api import Orthrus
+    with Orthrus(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers) as m:
+        if chat:
+            prompt = m.apply_chat_template([{"role": "user", "content": prompt}])
+        kw = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
+                  mode=mode, block_size=block_option(block_size))
+        stats = None
+        for piece, _, stats in m._run(prompt, **kw):
+            click.echo(piece, nl=False)
+        click.echo()
+        if show_stats and stats is not None:
+            summary = stats.summary()
+            click.echo(json.dumps(summary, indent=2), err=True)
+
+
+@main.command()
+@model_options
+@click.option("--prompts", type=click.Path(), default=None,
+              help="JSON list of prompts, or an object of named lists")
+@click.option("--max-tokens", "-n", default=128, show_default=True)
+@click.option("--block-size", "block_sizes", multiple=True, default=None,
+              help="block sizes to compare (repeatable; integers or 'auto'; default: the GGUF's and auto)")
+@click.option("--chat", is_flag=True, help="wrap each prompt in the chat template")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="also write the report as JSON")
+@click.option("--plot", type=click.Path(), default=None, help="write a PNG of acceptance and speed")
+def bench(model, n_ctx, threads, n_gpu_layers, prompts, max_tokens, block_sizes, chat, json_out, plot):
+    """AR against Orthrus on the same prompts, in one process: speed, acceptance, identity."""
+    import json
+
+    from .bench import format_report, load_prompts, plot_report, run_bench
+    blocks = [block_option(b) for b in block_sizes] if block_sizes else [None, "auto"]
+    rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, n_ctx, threads, n_gpu_layers, chat)
+    click.echo(format_report(rep))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(rep, f, indent=2)
+    if plot:
+        click.echo(f"plot: {plot_report(rep, plot)}")
+
+
 if __name__ == "__main__":
     main()

@@ -236,7 +236,8 @@ class Output:
 
     @property
     def tokens_per_step(self) -> float:
-        return len(self.tokens) / max(1, len(self.steps))
+        """Tokens emitted per draft/verify step (the first token comes from the prefill)."""
+        return (len(self.tokens) - 1) / max(1, len(self.steps))
 
 
 def _finish(out: list[int], eos: set[int], max_tokens: int) -> tuple[list[int], bool]:

@@ -79,7 +79,7 @@ def test_greedy_orthrus_accepts_drafts_when_the_views_agree():
     o = generate_orthrus(m, [3, 4], 30)
     assert o.tokens == a.tokens == [11] * 30
     assert [s.accepted for s in o.steps] == [7, 7, 7, 4]  # 1 + 8+8+8+5 = 30 tokens
-    assert o.tokens_per_step == 7.5
+    assert o.tokens_per_step == 29 / 4
 
 
 def test_eos_stops_and_nothing_follows():

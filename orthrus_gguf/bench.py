@@ -1,0 +1,148 @@
+"""AR against Orthrus on the same GGUF, prompts and process: speed, acceptance, identity."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .api import Orthrus
+from .errors import OrthrusError
+
+DEFAULT_PROMPTS = {"text": ["def fibonacci(n):", "import os\n\n\ndef main():", "class Stack:\n    def __init__(self):",
+                            "Q: 12 + 35 = ?\nA:", "The quick brown fox"]}
+
+
+def load_prompts(path: str | Path | None) -> dict[str, list[str]]:
+    """A JSON list of prompts, or an object of named lists (e.g. {"code": […], "math": […]})."""
+    if path is None:
+        return DEFAULT_PROMPTS
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise OrthrusError(f"{path}: cannot read prompts ({e})") from None
+    groups = {"prompts": data} if isinstance(data, list) else data
+    if not isinstance(groups, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                                               for v in groups.values()):
+        raise OrthrusError(f"{path}: expected a JSON list of strings or an object of such lists")
+    return groups
+
+
+def first_difference_margin(m: Orthrus, prompt: str, common: list[int]) -> float:
+    """AR top-1 minus top-2 logit, relative to |top-1|, at the first position where outputs differ."""
+    ids = m.tokenize(prompt) + common
+    m.nm.clear()
+    m.nm.prefill(ids)
+    row = np.sort(m.nm.logits(1)[0])
+    return float((row[-1] - row[-2]) / max(1e-9, abs(row[-1])))
+
+
+def _agg(runs: list[dict]) -> dict:
+    tokens = sum(r["tokens"] - 1 for r in runs)
+    t = sum(r["time_draft_s"] + r["time_verify_s"] + r["time_python_s"] for r in runs)
+    fw = sum(r["time_draft_s"] + r["time_verify_s"] for r in runs)
+    steps = sum(r["steps"] for r in runs)
+    return {"tokens_per_second": tokens / t if t else 0.0,
+            "tokens_per_step": sum(r["tokens"] - 1 for r in runs) / steps if steps else 0.0,
+            "tokens_per_forward": tokens / max(1, sum(r["forwards"] for r in runs)),
+            "step_over_forwards": t / fw if fw else 0.0,
+            "python_share": sum(r["time_python_s"] for r in runs) / t if t else 0.0}
+
+
+def acceptance_by_position(runs: list[dict], block: int) -> list[float]:
+    """P(draft i accepted | drafts < i accepted), i = 1..block-1, over every drafted step."""
+    hit, seen = np.zeros(block), np.zeros(block)
+    for r in runs:
+        for s in r["steps_detail"]:
+            k, a = len(s["drafted"]), s["accepted"]
+            seen[1:min(k, a + 1) + 1] += 1
+            hit[1:a + 1] += 1
+    return [float(h / s) if s else float("nan") for h, s in zip(hit[1:], seen[1:])]
+
+
+def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int = 128,
+              block_sizes=(None, "auto"), n_ctx: int = 2048, n_threads: int | None = None,
+              n_gpu_layers: int = 0, chat: bool = False) -> dict:
+    with Orthrus(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers) as m:
+        blocks = [m.nm.block_size if b is None else b for b in block_sizes]
+        if "auto" in blocks:
+            m.calibrate()
+        first = next(iter(prompts.values()))[0]
+        for b in blocks:  # warm-up: page in weights, build graphs
+            m.generate(first, max_tokens=8, mode="orthrus", block_size=b)
+        m.generate(first, max_tokens=8, mode="ar")
+        report = {"model": str(model), "max_tokens": max_tokens, "n_threads": m.nm.n_threads,
+                  "n_gpu_layers": n_gpu_layers, "groups": {}}
+        if "auto" in blocks:
+            d, v = m.calibrate()
+            report["forward_cost_ms"] = {"draft": {k: x * 1e3 for k, x in d.items()},
+                                         "verify": {k: x * 1e3 for k, x in v.items()}}
+        for group, texts in prompts.items():
+            ar_runs, modes = [], {str(b): {"runs": [], "identical": 0, "first_diff_margins": []} for b in blocks}
+            for text in texts:
+                prompt = m.apply_chat_template([{"role": "user", "content": text}]) if chat else text
+                ar = m.generate(prompt, max_tokens=max_tokens, mode="ar")
+                ar_runs.append(ar.stats)
+                for b in blocks:
+                    o = m.generate(prompt, max_tokens=max_tokens, mode="orthrus", block_size=b)
+                    rec = modes[str(b)]
+                    rec["runs"].append(o.stats)
+                    if o.tokens == ar.tokens:
+                        rec["identical"] += 1
+                    else:
+                        i = next(i for i, (x, y) in enumerate(zip(o.tokens + [-1], ar.tokens + [-2])) if x != y)
+                        rec["first_diff_margins"].append(first_difference_margin(m, prompt, ar.tokens[:i]))
+            g = {"prompts": len(texts), "ar": _agg(ar_runs), "orthrus": {}}
+            for b in blocks:
+                rec = modes[str(b)]
+                agg = _agg(rec["runs"])
+                agg["speedup"] = agg["tokens_per_second"] / g["ar"]["tokens_per_second"]
+                agg["identical"] = f"{rec['identical']}/{len(texts)}"
+                agg["first_diff_margins"] = rec["first_diff_margins"]
+                agg["acceptance_by_position"] = acceptance_by_position(rec["runs"], m.nm.block_size)
+                g["orthrus"][str(b)] = agg
+            report["groups"][group] = g
+    return report
+
+
+def format_report(rep: dict) -> str:
+    head = f"{'prompts':<10}{'mode':<16}{'tok/s':>9}{'× AR':>7}{'tok/step':>10}{'tok/fwd':>9}" \
+           f"{'step/fwds':>11}{'identical':>11}"
+    lines = [head, "-" * len(head)]
+    for group, g in rep["groups"].items():
+        a = g["ar"]
+        lines.append(f"{group:<10}{'ar':<16}{a['tokens_per_second']:>9.1f}{1.0:>7.2f}{1.0:>10.2f}"
+                     f"{a['tokens_per_forward']:>9.2f}{a['step_over_forwards']:>11.3f}{'-':>11}")
+        for b, o in g["orthrus"].items():
+            lines.append(f"{'':<10}{'orthrus B=' + b:<16}{o['tokens_per_second']:>9.1f}{o['speedup']:>7.2f}"
+                         f"{o['tokens_per_step']:>10.2f}{o['tokens_per_forward']:>9.2f}"
+                         f"{o['step_over_forwards']:>11.3f}{o['identical']:>11}")
+    return "\n".join(lines)
+
+
+def plot_report(rep: dict, path: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for group, g in rep["groups"].items():
+        for b, o in g["orthrus"].items():
+            acc = o["acceptance_by_position"]
+            ax1.plot(range(1, len(acc) + 1), acc, marker=".", label=f"{group}, B={b}")
+    ax1.set(xlabel="draft position i", ylabel="P(accept i | accepted < i)", title="acceptance by draft position",
+            ylim=(0, 1.02))
+    ax1.legend(fontsize=8)
+    labels, values = [], []
+    for group, g in rep["groups"].items():
+        labels.append(f"{group}\nAR")
+        values.append(g["ar"]["tokens_per_second"])
+        for b, o in g["orthrus"].items():
+            labels.append(f"{group}\nB={b}")
+            values.append(o["tokens_per_second"])
+    ax2.bar(range(len(values)), values, color=["#888" if "AR" in lb else "#2a7" for lb in labels])
+    ax2.set_xticks(range(len(values)), labels, fontsize=7)
+    ax2.set(ylabel="tokens / s", title="decode speed per mode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
