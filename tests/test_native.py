@@ -9,7 +9,9 @@ Tolerance, measured here (max |llama.cpp - reference| / max |logit|, 2-3 layers)
 - flash attention on (llama.cpp's default where supported): 1e-4 .. 4e-4, because ggml's
   CPU flash attention works on f16 Q/K/V (llama-graph casts an f32 cache to f16 for it),
   and f16 has a relative half-ulp of 4.9e-4. We allow 3e-3 there.
-Both are far below what a real bug gives (a wrong view, RoPE mode, norm or mask moves
+On an H100 (CUDA build, ORTHRUS_TEST_GPU_LAYERS=-1) both modes measured 6e-5 .. 1.3e-3:
+ggml-cuda runs f32 GEMMs on TF32 tensor cores (10-bit mantissa). We allow 5e-3 there.
+All are far below what a real bug gives (a wrong view, RoPE mode, norm or mask moves
 logits by O(1) relative).
 """
 from __future__ import annotations
@@ -29,6 +31,10 @@ PRECISION = {
     "exact": (dict(flash_attn=False, kv_type="f32"), 1e-5),
     "flash-f16": (dict(flash_attn=True, kv_type="f16"), 3e-3),
 }
+
+GPU_LAYERS = int(os.environ.get("ORTHRUS_TEST_GPU_LAYERS", "0"))
+if GPU_LAYERS:
+    PRECISION = {k: (opts, max(tol, 5e-3)) for k, (opts, tol) in PRECISION.items()}
 
 # (name, checkpoint kwargs): GQA, MHA-ish with head_dim 64 and an untied head, 3 layers
 CONFIGS = {
@@ -83,7 +89,7 @@ def open_model(native, path, **kw):
     kw.setdefault("kv_type", "f32")
     kw.setdefault("flash_attn", False)
     # ORTHRUS_TEST_GPU_LAYERS=-1 runs the same tests offloaded on a GPU build
-    kw.setdefault("n_gpu_layers", int(os.environ.get("ORTHRUS_TEST_GPU_LAYERS", "0")))
+    kw.setdefault("n_gpu_layers", GPU_LAYERS)
     return native.NativeModel(path, **kw)
 
 
@@ -92,7 +98,9 @@ def prompt_ids(n, vocab, seed=0):
     return g.integers(0, vocab, size=n).astype(np.int32)
 
 
-def assert_close(got, want, what, rel_tol=PRECISION["exact"][1]):
+def assert_close(got, want, what, rel_tol=None):
+    # got must be a copy: a logits() view dies with its model, and pytest reprs the args
+    rel_tol = PRECISION["exact"][1] if rel_tol is None else rel_tol
     want = np.asarray(want, dtype=np.float32)
     atol = rel_tol * float(np.abs(want).max())
     err = float(np.abs(got - want).max())
@@ -115,14 +123,14 @@ def test_ar_view_matches_reference(native, gguf_of, reference, cfg, precision):
         want = ref.forward_ar(torch.from_numpy(ids).long(), cache)
         m.prefill(ids)
         assert m.n_past == 45 and m.n_outputs == 1
-        assert_close(m.logits(1)[0], want[-1].numpy(), "prefill, last row", tol)
+        assert_close(m.logits(1)[0].copy(), want[-1].numpy(), "prefill, last row", tol)
 
         # a multi-token batch with logits for every row
         more = prompt_ids(7, m.n_vocab, seed=1)
         want = ref.forward_ar(torch.from_numpy(more).long(), cache)
         m.decode_ar(more, 45)
         assert m.n_outputs == 7
-        assert_close(m.logits(7), want.numpy(), "AR batch of 7", tol)
+        assert_close(m.logits(7).copy(), want.numpy(), "AR batch of 7", tol)
         assert np.array_equal(m.argmax(7), m.logits(7).argmax(axis=1))
 
 
@@ -147,12 +155,12 @@ def test_diffusion_view_matches_reference(native, gguf_of, reference, cfg, preci
         m.draft(t, 41, B)
         assert m.n_past == 41, "the diffusion pass left cells in the cache"
         assert m.view == native.VIEW_AR
-        assert_close(m.logits(B), want.numpy(), "diffusion block", tol)
+        assert_close(m.logits(B).copy(), want.numpy(), "diffusion block", tol)
         assert np.array_equal(m.argmax(B), m.logits(B).argmax(axis=1))
         # a shorter block near the end of generation
         want = ref.forward_diffusion(block[:3], cache)
         m.draft(t, 41, 3)
-        assert_close(m.logits(3), want.numpy(), "diffusion block of 3", tol)
+        assert_close(m.logits(3).copy(), want.numpy(), "diffusion block of 3", tol)
 
 
 def test_diffusion_pass_leaves_ar_bit_identical(native, gguf_of):
@@ -219,12 +227,12 @@ def test_verify_then_crop_matches_reference_loop(native, gguf_of, reference):
         d = [t] + list(m.argmax(B)[:-1])
         m.decode_ar(np.array(d, dtype=np.int32), p)
         want = ref.forward_ar(torch.tensor(d), cache)
-        assert_close(m.logits(B), want.numpy(), "verify")
+        assert_close(m.logits(B).copy(), want.numpy(), "verify")
         m.seq_rm(p + 3)
         cache.crop(p + 3)
         want = ref.forward_diffusion(torch.tensor([5] + [m.mask_token] * (B - 1)), cache)
         m.draft(5, p + 3, B)
-        assert_close(m.logits(B), want.numpy(), "draft after crop")
+        assert_close(m.logits(B).copy(), want.numpy(), "draft after crop")
 
 
 # ---------------------------------------------------------------- guards
@@ -341,10 +349,11 @@ def test_quantized_loads_and_decodes_both_views(native, gguf_of, tmp_path, qtype
             m.prefill(ids)
             m.decode_ar(ids[:8], 40)
             ar = m.logits(8).copy()
+            m.seq_rm(40)
             m.draft(int(ids[0]), 40, 8)
             diff = m.logits(8).copy()
             res[name] = (ar, diff)
-            assert m.n_past == 48
+            assert m.n_past == 40
     for i, view in enumerate(("AR", "diffusion")):
         a, b = res["f32"][i].ravel(), res["q"][i].ravel()
         assert np.isfinite(b).all()

@@ -1,0 +1,265 @@
+// orthrus-gguf: the C API of the orthrus-qwen3 diffusion view (declared in llama.h).
+//
+// Every entry point validates its arguments and returns an LLAMA_ORTHRUS_* status, so
+// that nothing reachable from Python can hit a GGML_ASSERT (a non-causal batch longer
+// than n_ubatch, more tokens than n_batch, positions that do not follow the cache).
+
+#include "llama.h"
+#include "llama-context.h"
+#include "llama-model.h"
+#include "models/models.h"
+
+#include <atomic>
+#include <cstdio>
+#include <vector>
+
+void llama_context::set_orthrus_view(int32_t view) {
+    // graph shapes do not depend on the view (only which weights are read), so like
+    // set_causal_attn this needs no scheduler reserve; allow_reuse compares the flag
+    cparams.orthrus_view = view;
+}
+
+int32_t llama_context::get_orthrus_view() const {
+    return cparams.orthrus_view;
+}
+
+int32_t llama_context::get_orthrus_n_outputs() const {
+    return (int32_t) n_outputs;
+}
+
+static const llama_model_orthrus_qwen3 * orthrus_model_of(const llama_model * model) {
+    if (model == nullptr || model->arch != LLM_ARCH_ORTHRUS_QWEN3) {
+        return nullptr;
+    }
+    return static_cast<const llama_model_orthrus_qwen3 *>(model);
+}
+
+static int32_t orthrus_n_vocab(const llama_context * ctx) {
+    return llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
+}
+
+static int32_t orthrus_status_of_decode(int32_t ret) {
+    switch (ret) {
+        case 0:  return LLAMA_ORTHRUS_OK;
+        case 1:  return LLAMA_ORTHRUS_ERR_KV_FULL;
+        case 2:  return LLAMA_ORTHRUS_ERR_ABORTED;
+        default: return LLAMA_ORTHRUS_ERR_DECODE;
+    }
+}
+
+// the checks shared by draft and verify: n tokens at p of sequence seq
+static int32_t orthrus_check_span(llama_context * ctx, llama_seq_id seq, llama_pos p, int32_t n) {
+    if (seq < 0 || (uint32_t) seq >= llama_n_seq_max(ctx)) {
+        return LLAMA_ORTHRUS_ERR_SEQ;
+    }
+    if ((uint32_t) n > llama_n_batch(ctx)) {
+        return LLAMA_ORTHRUS_ERR_BATCH;
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    if (mem == nullptr) {
+        return LLAMA_ORTHRUS_ERR_MEMORY;
+    }
+    if (p < 0 || p != llama_memory_seq_pos_max(mem, seq) + 1) {
+        return LLAMA_ORTHRUS_ERR_POS;
+    }
+    if ((int64_t) p + n > (int64_t) llama_n_ctx_seq(ctx)) {
+        return LLAMA_ORTHRUS_ERR_CTX;
+    }
+    return LLAMA_ORTHRUS_OK;
+}
+
+// decode tokens[0..n) at p.. of seq, logits for every row
+static int32_t orthrus_decode_all(llama_context * ctx, llama_seq_id seq, const llama_token * tokens, int32_t n, llama_pos p) {
+    llama_batch batch = llama_batch_init(n, 0, 1);
+    for (int32_t i = 0; i < n; ++i) {
+        batch.token[i]     = tokens[i];
+        batch.pos[i]       = p + i;
+        batch.n_seq_id[i]  = 1;
+        batch.seq_id[i][0] = seq;
+        batch.logits[i]    = 1;
+    }
+    batch.n_tokens = n;
+    const int32_t ret = llama_decode(ctx, batch);
+    llama_batch_free(batch);
+    return orthrus_status_of_decode(ret);
+}
+
+extern "C" {
+
+const char * llama_orthrus_strerror(int32_t status) {
+    switch (status) {
+        case LLAMA_ORTHRUS_OK:              return "ok";
+        case LLAMA_ORTHRUS_ERR_NOT_ORTHRUS: return "the model is not orthrus-qwen3";
+        case LLAMA_ORTHRUS_ERR_ARG:         return "invalid argument (null pointer, view, length or token id)";
+        case LLAMA_ORTHRUS_ERR_SEQ:         return "sequence id outside [0, n_seq_max)";
+        case LLAMA_ORTHRUS_ERR_UBATCH:      return "diffusion block longer than n_ubatch (a non-causal batch cannot be split)";
+        case LLAMA_ORTHRUS_ERR_BATCH:       return "more tokens than n_batch";
+        case LLAMA_ORTHRUS_ERR_POS:         return "position does not follow the cache (p != seq_pos_max + 1)";
+        case LLAMA_ORTHRUS_ERR_CTX:         return "p + n exceeds the context size of the sequence";
+        case LLAMA_ORTHRUS_ERR_MEMORY:      return "the context has no KV cache";
+        case LLAMA_ORTHRUS_ERR_KV_FULL:     return "no KV cache slot for the batch (llama_decode returned 1)";
+        case LLAMA_ORTHRUS_ERR_ABORTED:     return "decode aborted by the abort callback";
+        case LLAMA_ORTHRUS_ERR_DECODE:      return "llama_decode failed";
+        case LLAMA_ORTHRUS_ERR_ROWS:        return "the last decode produced fewer rows of logits than asked for";
+        case LLAMA_ORTHRUS_ERR_SEQ_RM:      return "could not remove the diffusion block from the KV cache";
+        default:                            return "unknown orthrus status";
+    }
+}
+
+int32_t llama_orthrus_set_view(llama_context * ctx, int32_t view) {
+    if (ctx == nullptr || (view != 0 && view != 1)) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    if (view == 1 && orthrus_model_of(llama_get_model(ctx)) == nullptr) {
+        return LLAMA_ORTHRUS_ERR_NOT_ORTHRUS;
+    }
+    ctx->set_orthrus_view(view);
+    return LLAMA_ORTHRUS_OK;
+}
+
+int32_t llama_orthrus_get_view(const llama_context * ctx) {
+    return ctx ? ctx->get_orthrus_view() : 0;
+}
+
+int32_t llama_model_orthrus_block_size(const llama_model * model) {
+    const auto * om = orthrus_model_of(model);
+    return om ? (int32_t) om->block_size : 0;
+}
+
+int32_t llama_model_orthrus_mask_token(const llama_model * model) {
+    const auto * om = orthrus_model_of(model);
+    return om ? (int32_t) om->mask_token_id : -1;
+}
+
+int32_t llama_orthrus_draft(llama_context * ctx, llama_seq_id seq, llama_token t, llama_pos p, int32_t n_block) {
+    if (ctx == nullptr) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    const auto * om = orthrus_model_of(llama_get_model(ctx));
+    if (om == nullptr) {
+        return LLAMA_ORTHRUS_ERR_NOT_ORTHRUS;
+    }
+    const int32_t n_vocab = orthrus_n_vocab(ctx);
+    const llama_token mask = (llama_token) om->mask_token_id;
+    if (n_block < 2 || t < 0 || t >= n_vocab || mask < 0 || mask >= n_vocab) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    if ((uint32_t) n_block > llama_n_ubatch(ctx)) {
+        return LLAMA_ORTHRUS_ERR_UBATCH;
+    }
+    int32_t status = orthrus_check_span(ctx, seq, p, n_block);
+    if (status != LLAMA_ORTHRUS_OK) {
+        return status;
+    }
+
+    std::vector<llama_token> block(n_block, mask);
+    block[0] = t;
+
+    const int32_t view_org   = ctx->get_orthrus_view();
+    const bool    causal_org = ctx->get_causal_attn();
+
+    ctx->set_orthrus_view(1);
+    ctx->set_causal_attn(false);
+
+    status = orthrus_decode_all(ctx, seq, block.data(), n_block, p);
+
+    // the block's diffusion K/V must never outlive the pass, whatever happened
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), seq, p, -1) && status == LLAMA_ORTHRUS_OK) {
+        status = LLAMA_ORTHRUS_ERR_SEQ_RM;
+    }
+
+    ctx->set_causal_attn(causal_org);
+    ctx->set_orthrus_view(view_org);
+
+    return status;
+}
+
+int32_t llama_orthrus_verify(llama_context * ctx, llama_seq_id seq, const llama_token * tokens, int32_t n, llama_pos p) {
+    if (ctx == nullptr || tokens == nullptr || n < 1) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    const int32_t n_vocab = orthrus_n_vocab(ctx);
+    for (int32_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            return LLAMA_ORTHRUS_ERR_ARG;
+        }
+    }
+    int32_t status = orthrus_check_span(ctx, seq, p, n);
+    if (status != LLAMA_ORTHRUS_OK) {
+        return status;
+    }
+
+    const int32_t view_org   = ctx->get_orthrus_view();
+    const bool    causal_org = ctx->get_causal_attn();
+
+    ctx->set_orthrus_view(0);
+    ctx->set_causal_attn(true);
+
+    status = orthrus_decode_all(ctx, seq, tokens, n, p);
+    if (status != LLAMA_ORTHRUS_OK) {
+        // leave the cache holding exactly the positions < p
+        llama_memory_seq_rm(llama_get_memory(ctx), seq, p, -1);
+    }
+
+    ctx->set_causal_attn(causal_org);
+    ctx->set_orthrus_view(view_org);
+
+    return status;
+}
+
+int32_t llama_orthrus_n_outputs(const llama_context * ctx) {
+    return ctx ? ctx->get_orthrus_n_outputs() : 0;
+}
+
+int32_t llama_orthrus_argmax(llama_context * ctx, int32_t n_rows, llama_token * out) {
+    if (ctx == nullptr || out == nullptr || n_rows < 0) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    if (n_rows == 0) {
+        return LLAMA_ORTHRUS_OK;
+    }
+    if (n_rows > ctx->get_orthrus_n_outputs()) {
+        return LLAMA_ORTHRUS_ERR_ROWS;
+    }
+    const float * logits = llama_get_logits(ctx); // [n_outputs][n_vocab], in batch order
+    if (logits == nullptr) {
+        return LLAMA_ORTHRUS_ERR_ROWS;
+    }
+    const int64_t n_vocab = orthrus_n_vocab(ctx);
+    for (int32_t r = 0; r < n_rows; ++r) {
+        const float * row = logits + r*n_vocab;
+        int64_t best = 0;
+        for (int64_t j = 1; j < n_vocab; ++j) {
+            if (row[j] > row[best]) { // strict: ties keep the lowest id, like numpy/torch
+                best = j;
+            }
+        }
+        out[r] = (llama_token) best;
+    }
+    return LLAMA_ORTHRUS_OK;
+}
+
+} // extern "C"
+
+// ---------------------------------------------------------------- logging from C
+
+static std::atomic<int32_t> orthrus_log_min_level{GGML_LOG_LEVEL_ERROR};
+static std::atomic<int32_t> orthrus_log_last_level{GGML_LOG_LEVEL_NONE};
+
+static void orthrus_log_to_stderr(enum ggml_log_level level, const char * text, void * /*user_data*/) {
+    int32_t lvl = level;
+    if (lvl == GGML_LOG_LEVEL_CONT) {
+        lvl = orthrus_log_last_level.load();
+    } else {
+        orthrus_log_last_level.store(lvl);
+    }
+    if (lvl >= orthrus_log_min_level.load()) {
+        fputs(text, stderr);
+        fflush(stderr);
+    }
+}
+
+extern "C" void llama_orthrus_log_set_min_level(int32_t min_level) {
+    orthrus_log_min_level.store(min_level);
+    llama_log_set(orthrus_log_to_stderr, nullptr);
+}

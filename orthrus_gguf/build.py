@@ -1,0 +1,376 @@
+"""`orthrus-gguf build`: the patched llama.cpp, built once per set of inputs and cached.
+
+Inputs: the llama.cpp tree vendored in the pinned llama-cpp-python sdist (so its ctypes
+layouts match the library), the patch series in patches/ and the new sources in native/.
+The build lands in <cache>/llama.cpp/<key>/, key = short sha256 of all inputs and flags;
+a `.done` marker written last makes a second run with nothing changed a no-op.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import OrthrusError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock between concurrent builds
+    fcntl = None
+
+LLAMA_CPP_PYTHON = "0.3.36"
+LLAMA_CPP_COMMIT = "0c1e57098"
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+SDIST_TREE = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+
+TARGETS = ("llama", "llama-server", "llama-quantize")
+BINARIES = ("llama-server", "llama-quantize")
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
+    # binaries find libllama/libggml beside them, in the build tree and once installed
+    "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
+)
+BACKENDS = {
+    "cpu": (),
+    "cuda": ("-DGGML_CUDA=ON",),
+    "metal": ("-DGGML_METAL=ON",),
+    "vulkan": ("-DGGML_VULKAN=ON",),
+}
+# bump when the recipe below changes in a way the inputs do not show
+RECIPE = 1
+MARKER = ".done"
+
+
+# ------------------------------------------------------------------ locations
+
+def cache_root() -> Path:
+    """ORTHRUS_GGUF_CACHE, else $XDG_CACHE_HOME/orthrus-gguf, else ~/.cache/orthrus-gguf."""
+    if os.environ.get("ORTHRUS_GGUF_CACHE"):
+        return Path(os.environ["ORTHRUS_GGUF_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "orthrus-gguf"
+
+
+def data_root() -> Path:
+    """The directory holding patches/ and native/: the repository (editable install) or
+    orthrus_gguf/_native_data in a wheel that packs them."""
+    here = Path(__file__).resolve().parent
+    for root in (here.parent, here / "_native_data"):
+        if (root / "patches").is_dir() and (root / "native").is_dir():
+            return root
+    raise OrthrusError(
+        f"patches/ and native/ not found next to {here} (looked in {here.parent} and "
+        f"{here / '_native_data'}): `orthrus-gguf build` needs the source checkout; install "
+        "it with `pip install -e .` from a clone of the repository")
+
+
+def patch_files(root: Path | None = None) -> list[Path]:
+    """The patch series, applied in name order (NNNN-slug.patch)."""
+    root = root or data_root()
+    patches = sorted((root / "patches").glob("*.patch"))
+    if not patches:
+        raise OrthrusError(f"no patches in {root / 'patches'}: the checkout is incomplete")
+    return patches
+
+
+def native_files(root: Path | None = None) -> list[tuple[Path, str]]:
+    """(file, path inside the llama.cpp tree) for every source file under native/."""
+    root = root or data_root()
+    base = root / "native"
+    out = []
+    for f in sorted(base.rglob("*")):
+        rel = f.relative_to(base).as_posix()
+        if f.is_file() and rel != "README.md" and "__pycache__" not in rel:
+            out.append((f, rel))
+    return out
+
+
+def backend_flags(backend: str) -> tuple[str, ...]:
+    if backend not in BACKENDS:
+        raise OrthrusError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return CMAKE_FLAGS + BACKENDS[backend]
+
+
+def build_key(backend: str = "cpu", root: Path | None = None) -> str:
+    """Short sha256 of everything the build depends on."""
+    root = root or data_root()
+    h = hashlib.sha256()
+    for part in (f"recipe={RECIPE}", f"commit={LLAMA_CPP_COMMIT}", f"sdist={SDIST_SHA256}",
+                 f"backend={backend}", *backend_flags(backend)):
+        h.update(part.encode() + b"\0")
+    for p in patch_files(root):
+        h.update(b"patch\0" + p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    for f, rel in native_files(root):
+        h.update(b"native\0" + rel.encode() + b"\0" + f.read_bytes() + b"\0")
+    return f"{backend}-{h.hexdigest()[:16]}"
+
+
+def build_dir(backend: str = "cpu") -> Path:
+    """Where the build of the current inputs for `backend` lives (finished or not)."""
+    return cache_root() / "llama.cpp" / build_key(backend)
+
+
+def library_dir(backend: str | None = None) -> Path | None:
+    """The directory with libllama of a finished build of the current inputs, or None.
+
+    ORTHRUS_GGUF_LIB_DIR overrides the lookup. Without a backend, the first finished one of
+    ORTHRUS_GGUF_BACKEND, cuda, metal, vulkan, cpu is taken."""
+    if os.environ.get("ORTHRUS_GGUF_LIB_DIR"):
+        return Path(os.environ["ORTHRUS_GGUF_LIB_DIR"]).expanduser()
+    if backend is None:
+        wanted = os.environ.get("ORTHRUS_GGUF_BACKEND")
+        order = [wanted] if wanted else ["cuda", "metal", "vulkan", "cpu"]
+    else:
+        order = [backend]
+    for b in order:
+        d = build_dir(b)
+        if (d / MARKER).is_file():
+            return d
+    return None
+
+
+# ------------------------------------------------------------------ steps
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"orthrus-gguf build: {msg}", flush=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist(progress: bool = True) -> Path:
+    """The pinned llama-cpp-python sdist, from the cache or `pip download`, sha256-checked.
+
+    ORTHRUS_GGUF_SDIST may name a local copy of the tarball (offline machines)."""
+    cached = cache_root() / "sdist" / SDIST_NAME
+    candidates = [Path(os.environ["ORTHRUS_GGUF_SDIST"])] if os.environ.get("ORTHRUS_GGUF_SDIST") else []
+    candidates.append(cached)
+    for c in candidates:
+        if c.is_file():
+            if _sha256(c) == SDIST_SHA256:
+                if c != cached:
+                    _install_file(c, cached)
+                return cached
+            _say(progress, f"{c} has the wrong sha256, ignoring it")
+    _say(progress, f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON} sdist with pip")
+    with tempfile.TemporaryDirectory(prefix="orthrus-sdist-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / SDIST_NAME
+        if r.returncode != 0 or not got.is_file():
+            raise OrthrusError(
+                f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON} sdist "
+                f"({' '.join(cmd)} exited {r.returncode}): {r.stderr.strip()[-800:]}\n"
+                f"offline? put {SDIST_NAME} (sha256 {SDIST_SHA256}) at {cached} "
+                "or point ORTHRUS_GGUF_SDIST at it")
+        digest = _sha256(got)
+        if digest != SDIST_SHA256:
+            raise OrthrusError(f"downloaded {SDIST_NAME} has sha256 {digest}, expected {SDIST_SHA256}: "
+                               "refusing to build from an unverified source")
+        _install_file(got, cached)
+    return cached
+
+
+def _install_file(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def extract_tree(sdist: Path, dest: Path) -> None:
+    """vendor/llama.cpp of the sdist into dest (replaced)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = []
+        for m in tar.getmembers():
+            if not m.name.startswith(SDIST_TREE):
+                continue
+            m.name = m.name[len(SDIST_TREE):]
+            if m.name:
+                members.append(m)
+        if not members:
+            raise OrthrusError(f"{sdist} holds no {SDIST_TREE}: not the expected sdist")
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **kw)
+    # the submodule's .git file points outside the tarball; the tree becomes its own repo
+    git_file = dest / ".git"
+    if git_file.is_file() or git_file.is_symlink():
+        git_file.unlink()
+
+
+def copy_native(tree: Path, root: Path | None = None) -> None:
+    for f, rel in native_files(root):
+        dst = tree / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst)
+
+
+def apply_patches(tree: Path, root: Path | None = None, progress: bool = True) -> None:
+    patches = patch_files(root)
+    use_git = shutil.which("git") is not None
+    if use_git and not (tree / ".git").exists():
+        # a repo of its own, so that git apply never resolves paths against an outer one
+        subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    for p in patches:
+        _say(progress, f"applying {p.name}")
+        if use_git:
+            cmd = ["git", "apply", "--whitespace=nowarn", str(p)]
+        elif shutil.which("patch"):
+            cmd = ["patch", "-p1", "--forward", "--batch", "-i", str(p)]
+        else:
+            raise OrthrusError("neither git nor patch is installed: install git to build")
+        r = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise OrthrusError(
+                f"patch {p} does not apply to llama.cpp {LLAMA_CPP_COMMIT} "
+                f"(llama-cpp-python {LLAMA_CPP_PYTHON}):\n{(r.stderr or r.stdout).strip()[-2000:]}\n"
+                f"to recover: the patch series must be made against that tree; rebase {p.name} "
+                "in a git repo of the pristine tree (git am patches/*.patch, fix, "
+                "git format-patch), or restore patches/ from git if it was edited by mistake")
+
+
+def _env(tree: Path) -> dict[str, str]:
+    # ccache sees paths relative to the tree, so builds in other directories hit too
+    return dict(os.environ, CCACHE_BASEDIR=str(tree))
+
+
+def _configure(tree: Path, build: Path, backend: str, progress: bool) -> None:
+    cmd = ["cmake", "-S", str(tree), "-B", str(build), *backend_flags(backend)]
+    if shutil.which("ninja"):
+        cmd += ["-G", "Ninja"]
+    ccache = shutil.which("ccache")
+    if ccache:
+        cmd += [f"-DCMAKE_C_COMPILER_LAUNCHER={ccache}", f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}"]
+        if backend == "cuda":
+            cmd += [f"-DCMAKE_CUDA_COMPILER_LAUNCHER={ccache}"]
+    _say(progress, "configuring: " + " ".join(cmd[5:]))
+    _run_logged(cmd, build.parent.parent / "configure.log", _env(tree), progress=False)
+
+
+def _compile(tree: Path, build: Path, jobs: int, progress: bool) -> None:
+    cmd = ["cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS]
+    _say(progress, f"compiling {', '.join(TARGETS)} with {jobs} jobs (first build: minutes)")
+    _run_logged(cmd, build.parent.parent / "build.log", _env(tree), progress=progress)
+
+
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+
+
+def _run_logged(cmd: list[str], log: Path, env: dict[str, str], progress: bool) -> None:
+    """Run cmd, tee its output to log, stream [n/N] lines; raise with the tail on failure."""
+    tail: list[str] = []
+    tty = progress and sys.stdout.isatty()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            tail = (tail + [line.rstrip()])[-60:]
+            if progress:
+                m = _NINJA_STEP.match(line)
+                if m and tty:
+                    sys.stdout.write("\r\033[K" + line.rstrip()[:150])
+                    sys.stdout.flush()
+                elif m:
+                    print(line.rstrip()[:200], flush=True)
+        rc = proc.wait()
+    if tty:
+        print()
+    if rc != 0:
+        raise OrthrusError(f"{' '.join(cmd[:3])} … failed (exit {rc}); full log: {log}\n"
+                           + "\n".join(tail[-40:]))
+
+
+def _install(build: Path, dest: Path) -> None:
+    """libllama, libggml* (with their soname links) and the binaries into dest."""
+    bindir = build / "bin"
+    names = [p for p in bindir.iterdir()
+             if re.match(r"lib(llama|ggml|mtmd)[\w-]*\.(so|dylib)", p.name)
+             or p.name in BINARIES]
+    if not any(p.name.startswith("libllama.") for p in names):
+        raise OrthrusError(f"the build finished but {bindir} has no libllama: see {build.parent.parent / 'build.log'}")
+    for p in names:
+        target = dest / p.name
+        if p.is_symlink():
+            os.symlink(os.readlink(p), target)
+        else:
+            shutil.copy2(p, target)
+
+
+# ------------------------------------------------------------------ entry point
+
+def build(backend: str = "cpu", jobs: int | None = None, force: bool = False,
+          progress: bool = True) -> Path:
+    """Build (or find) the patched llama.cpp for `backend`; returns the library directory."""
+    root = data_root()
+    key = build_key(backend, root)
+    llama_root = cache_root() / "llama.cpp"
+    dest = llama_root / key
+    if not force and (dest / MARKER).is_file():
+        _say(progress, f"up to date: {dest}")
+        return dest
+    for tool in ("cmake",):
+        if shutil.which(tool) is None:
+            raise OrthrusError(f"{tool} not found: install CMake (>= 3.14) and a C++17 compiler to build")
+
+    llama_root.mkdir(parents=True, exist_ok=True)
+    with open(llama_root / ".lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time per cache
+        if not force and (dest / MARKER).is_file():  # another process just built it
+            return dest
+        t0 = time.monotonic()
+        sdist = fetch_sdist(progress)
+        # a stable work path per backend: ccache hits across keys, incremental rebuilds
+        work = llama_root / f"work-{backend}"
+        tree = work / "llama.cpp"
+        _say(progress, f"extracting llama.cpp {LLAMA_CPP_COMMIT} into {tree}")
+        extract_tree(sdist, tree)
+        copy_native(tree, root)
+        apply_patches(tree, root, progress)
+        bdir = tree / "build"
+        _configure(tree, bdir, backend, progress)
+        _compile(tree, bdir, jobs or os.cpu_count() or 2, progress)
+
+        staging = llama_root / f".{key}.tmp{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        _install(bdir, staging)
+        info = {"key": key, "backend": backend, "llama_cpp_commit": LLAMA_CPP_COMMIT,
+                "llama_cpp_python": LLAMA_CPP_PYTHON, "sdist_sha256": SDIST_SHA256,
+                "patches": [p.name for p in patch_files(root)],
+                "native": [rel for _, rel in native_files(root)],
+                "cmake_flags": list(backend_flags(backend)),
+                "seconds": round(time.monotonic() - t0, 1)}
+        (staging / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+        marker_tmp = dest / (MARKER + ".tmp")
+        marker_tmp.write_text(f"{key}\n")
+        os.replace(marker_tmp, dest / MARKER)  # last: a present marker means a whole build
+        _say(progress, f"done in {info['seconds']:.0f} s: {dest}")
+        return dest

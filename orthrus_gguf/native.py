@@ -1,0 +1,327 @@
+"""The patched llama.cpp, loaded lazily: bindings of the llama_orthrus_* C API and a small
+owner of one model + context (NativeModel) for the decoding loop.
+
+Importing this module loads nothing; `load()` (called by NativeModel) finds the build of
+`orthrus-gguf build`, points llama-cpp-python at it through LLAMA_CPP_LIB_PATH and binds
+the patched symbols. Every non-zero status of the C API raises OrthrusError.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from .errors import OrthrusError
+
+# status codes of include/llama.h (LLAMA_ORTHRUS_*)
+OK = 0
+ERR_NOT_ORTHRUS = -1
+ERR_ARG = -2
+ERR_SEQ = -3
+ERR_UBATCH = -4
+ERR_BATCH = -5
+ERR_POS = -6
+ERR_CTX = -7
+ERR_MEMORY = -8
+ERR_KV_FULL = -9
+ERR_ABORTED = -10
+ERR_DECODE = -11
+ERR_ROWS = -12
+ERR_SEQ_RM = -13
+
+VIEW_AR = 0
+VIEW_DIFFUSION = 1
+
+_KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # enum ggml_type
+
+_i32, _p = ctypes.c_int32, ctypes.c_void_p
+# name -> (argtypes, restype); the C prototypes are in include/llama.h of the patched tree
+_SIGNATURES = {
+    "llama_orthrus_strerror": ([_i32], ctypes.c_char_p),
+    "llama_orthrus_set_view": ([_p, _i32], _i32),
+    "llama_orthrus_get_view": ([_p], _i32),
+    "llama_model_orthrus_block_size": ([_p], _i32),
+    "llama_model_orthrus_mask_token": ([_p], _i32),
+    # ctx, seq, t, p, n_block
+    "llama_orthrus_draft": ([_p, _i32, _i32, _i32, _i32], _i32),
+    # ctx, seq, tokens, n, p
+    "llama_orthrus_verify": ([_p, _i32, ctypes.POINTER(_i32), _i32, _i32], _i32),
+    "llama_orthrus_n_outputs": ([_p], _i32),
+    # ctx, n_rows, out
+    "llama_orthrus_argmax": ([_p, _i32, ctypes.POINTER(_i32)], _i32),
+    "llama_orthrus_log_set_min_level": ([_i32], None),
+}
+
+_LOG_DEBUG, _LOG_ERROR = 1, 4  # enum ggml_log_level
+
+_state: SimpleNamespace | None = None
+_global_handle = None
+
+
+def load(lib_dir: str | Path | None = None) -> SimpleNamespace:
+    """Load the patched libllama once; returns a namespace with `llama_cpp` (the low-level
+    module of llama-cpp-python), `lib` (the CDLL) and the bound llama_orthrus_* functions."""
+    global _state, _global_handle
+    if _state is not None:
+        return _state
+    from . import build
+
+    if lib_dir is None:
+        lib_dir = build.library_dir()
+        if lib_dir is None:
+            raise OrthrusError(
+                "the patched llama.cpp is not built for the current sources: run `orthrus-gguf build` "
+                f"(builds land in {build.cache_root() / 'llama.cpp'}; ORTHRUS_GGUF_LIB_DIR overrides)")
+    lib_dir = Path(lib_dir).resolve()
+    if not any((lib_dir / n).exists() for n in ("libllama.so", "libllama.dylib", "llama.dll")):
+        raise OrthrusError(f"no libllama in {lib_dir}: run `orthrus-gguf build --force`")
+
+    if "llama_cpp.llama_cpp" in sys.modules:
+        loaded = getattr(sys.modules["llama_cpp.llama_cpp"], "_base_path", None)
+        if loaded is None or Path(loaded).resolve() != lib_dir:
+            raise OrthrusError(
+                f"llama_cpp was imported before orthrus_gguf.native.load() and loaded libllama from "
+                f"{loaded}, not the patched build in {lib_dir}: load orthrus_gguf.native first, "
+                f"or set LLAMA_CPP_LIB_PATH={lib_dir} before starting Python")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+    if sys.platform.startswith("linux"):
+        # the C++ runtime into the global scope before llama_cpp dlopens libllama with
+        # RTLD_LOCAL: without it, model loading segfaulted inside libstdc++ stream code under
+        # Ubuntu 24.04's Python 3.12 (plain qwen3 too; fine from C, with it preloaded, or here)
+        try:
+            _global_handle = ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass
+    try:
+        import llama_cpp.llama_cpp as llama_cpp
+    except (OSError, RuntimeError) as e:
+        raise OrthrusError(f"could not load libllama from {lib_dir}: {e}; "
+                           "run `orthrus-gguf build --force`") from e
+    lib = llama_cpp._lib
+    missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
+    if missing:
+        raise OrthrusError(
+            f"{lib_dir} lacks {', '.join(missing)}: it is not the orthrus-patched llama.cpp; "
+            "run `orthrus-gguf build --force`")
+    fns = {}
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        f = getattr(lib, name)
+        f.argtypes, f.restype = argtypes, restype
+        fns[name.replace("llama_", "", 1)] = f
+    # log from C (errors only unless ORTHRUS_GGUF_VERBOSE): no Python callback per log line
+    fns["orthrus_log_set_min_level"](_LOG_DEBUG if os.environ.get("ORTHRUS_GGUF_VERBOSE") else _LOG_ERROR)
+    llama_cpp.llama_backend_init()
+    _state = SimpleNamespace(llama_cpp=llama_cpp, lib=lib, lib_dir=lib_dir, **fns)
+    return _state
+
+
+def strerror(status: int) -> str:
+    return load().orthrus_strerror(status).decode()
+
+
+def check(status: int, what: str) -> None:
+    """Raise OrthrusError for a non-zero status of the C API."""
+    if status != OK:
+        raise OrthrusError(f"{what}: {strerror(status)} (status {status})")
+
+
+class NativeModel:
+    """One GGUF model and one context (sequence 0) of the patched llama.cpp.
+
+    Positions are explicit everywhere: a decode at p requires the cache to hold exactly the
+    positions < p (else OrthrusError, nothing changed). Logits rows refer to the last decode.
+    """
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512,
+                 n_ubatch: int | None = None, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
+                 seq: int = 0):
+        self._ctx = self._model = None
+        self._batch = None
+        self.n = load()
+        lc = self.n.llama_cpp
+        path = Path(path)
+        if not path.is_file():
+            raise OrthrusError(f"no GGUF file at {path}")
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        if not self._model:
+            raise OrthrusError(f"llama.cpp could not load {path} (set ORTHRUS_GGUF_VERBOSE=1 for its log)")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_batch
+        cp.n_ubatch = n_ubatch if n_ubatch is not None else n_batch
+        threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        if kv_type not in _KV_TYPES:
+            self.close()
+            raise OrthrusError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {kv_type!r}")
+        cp.type_k = cp.type_v = _KV_TYPES[kv_type]
+        # None: llama.cpp decides (enabled where the backend supports it)
+        cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
+        self._ctx = lc.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            self.close()
+            raise OrthrusError(f"llama.cpp could not create a context for {path} "
+                               f"(n_ctx={n_ctx}, n_batch={n_batch})")
+        self.path, self.seq, self.n_threads = path, seq, threads
+        self.n_ctx = lc.llama_n_ctx(self._ctx)
+        self.n_batch = lc.llama_n_batch(self._ctx)
+        self.n_ubatch = lc.llama_n_ubatch(self._ctx)
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
+        self.block_size = self.n.model_orthrus_block_size(self._model)
+        self.mask_token = self.n.model_orthrus_mask_token(self._model)
+        self.arch = self._meta("general.architecture")
+        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self._mem = lc.llama_get_memory(self._ctx)
+
+    # -------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        lc = self.n.llama_cpp
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "NativeModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def ctx(self):
+        if not self._ctx:
+            raise OrthrusError("the model is closed")
+        return self._ctx
+
+    def _meta(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self.n.llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else ""
+
+    @property
+    def is_orthrus(self) -> bool:
+        return self.block_size > 0
+
+    # -------------------------------------------------------------- cache
+
+    @property
+    def n_past(self) -> int:
+        """Number of positions in the cache (max position + 1)."""
+        return self.n.llama_cpp.llama_memory_seq_pos_max(self._mem, self.seq) + 1
+
+    def seq_rm(self, p: int) -> None:
+        """Drop every cached position >= p."""
+        if not self.n.llama_cpp.llama_memory_seq_rm(self._mem, self.seq, p, -1):
+            raise OrthrusError(f"could not remove positions >= {p} from the KV cache")
+
+    def clear(self) -> None:
+        self.seq_rm(0)
+
+    # -------------------------------------------------------------- forwards
+
+    def prefill(self, tokens, p: int | None = None) -> None:
+        """AR decode of tokens at p.. (default: after the cache), in n_batch chunks; only the
+        last row's logits are kept (logits(1) / argmax(1))."""
+        toks = np.ascontiguousarray(tokens, dtype=np.int32).ravel()
+        p = self.n_past if p is None else p
+        if toks.size == 0:
+            raise OrthrusError("prefill of no tokens")
+        self._check_tokens(toks)
+        if p != self.n_past:
+            raise OrthrusError(f"prefill at position {p}, but the cache holds positions < {self.n_past}")
+        if p + toks.size > self.n_ctx:
+            raise OrthrusError(f"prefill of {toks.size} tokens at {p} exceeds n_ctx={self.n_ctx}")
+        lc, b = self.n.llama_cpp, self._batch
+        self.n.orthrus_set_view(self.ctx, VIEW_AR)
+        for start in range(0, toks.size, self.n_batch):
+            chunk = toks[start:start + self.n_batch]
+            n = chunk.size
+            np.ctypeslib.as_array(b.token, (n,))[:] = chunk
+            np.ctypeslib.as_array(b.pos, (n,))[:] = np.arange(p + start, p + start + n, dtype=np.int32)
+            np.ctypeslib.as_array(b.n_seq_id, (n,))[:] = 1
+            np.ctypeslib.as_array(b.logits, (n,))[:] = 0
+            for i in range(n):
+                b.seq_id[i][0] = self.seq
+            if start + n == toks.size:
+                b.logits[n - 1] = 1
+            b.n_tokens = n
+            rc = lc.llama_decode(self.ctx, b)
+            if rc != 0:
+                self.seq_rm(p)
+                raise OrthrusError(f"llama_decode failed (returned {rc}) in a prefill at {p + start}")
+
+    def decode_ar(self, tokens, p: int) -> None:
+        """AR decode of tokens at p.. with logits for every row; the tokens stay cached."""
+        toks = np.ascontiguousarray(tokens, dtype=np.int32).ravel()
+        ptr = toks.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        check(self.n.orthrus_verify(self.ctx, self.seq, ptr, toks.size, p),
+              f"AR decode of {toks.size} tokens at {p}")
+
+    verify = decode_ar
+
+    def draft(self, t: int, p: int, n: int) -> None:
+        """Diffusion pass over [t, M, …, M] (n tokens) at p..p+n-1; logits for every row,
+        the cache unchanged."""
+        check(self.n.orthrus_draft(self.ctx, self.seq, int(t), p, n),
+              f"diffusion pass of {n} tokens at {p}")
+
+    def _check_tokens(self, toks: np.ndarray) -> None:
+        if toks.size and (toks.min() < 0 or toks.max() >= self.n_vocab):
+            raise OrthrusError(f"token ids must lie in [0, {self.n_vocab}); got {toks.min()}..{toks.max()}")
+
+    # -------------------------------------------------------------- outputs
+
+    @property
+    def n_outputs(self) -> int:
+        """Rows of logits of the last decode."""
+        return self.n.orthrus_n_outputs(self.ctx)
+
+    def logits(self, n_rows: int | None = None) -> np.ndarray:
+        """The first n_rows (default all) rows of logits of the last decode, [n_rows, n_vocab]
+        float32: a view into llama.cpp's buffer, valid until the next decode (copy to keep)."""
+        n_out = self.n_outputs
+        n_rows = n_out if n_rows is None else n_rows
+        if not 0 < n_rows <= n_out:
+            raise OrthrusError(f"asked for {n_rows} rows of logits, the last decode has {n_out}")
+        ptr = self.n.llama_cpp.llama_get_logits(self.ctx)
+        if not ptr:
+            raise OrthrusError("the last decode produced no logits")
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab))
+
+    def argmax(self, n_rows: int | None = None) -> np.ndarray:
+        """Argmax of each of the first n_rows rows of logits (ties: lowest id), int32 [n_rows]."""
+        n_rows = self.n_outputs if n_rows is None else n_rows
+        out = np.empty(n_rows, dtype=np.int32)
+        check(self.n.orthrus_argmax(self.ctx, n_rows, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))),
+              f"argmax of {n_rows} rows")
+        return out
+
+    # -------------------------------------------------------------- view
+
+    @property
+    def view(self) -> int:
+        return self.n.orthrus_get_view(self.ctx)
+
+    @view.setter
+    def view(self, v: int) -> None:
+        check(self.n.orthrus_set_view(self.ctx, v), f"set view {v}")
