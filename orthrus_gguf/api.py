@@ -53,6 +53,7 @@ class Orthrus:
         self._eog: dict[int, bool] = {}
         self.block_size = self._check_block(block_size)
         self._costs: tuple[dict, dict] | None = None
+        self._auto: AutoPolicy | None = None
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -147,7 +148,7 @@ class Orthrus:
                 draft[w], verify[w] = float(np.median(ts_d[1:])), float(np.median(ts_v[1:]))
             draft[1] = 0.0
             nm.clear()
-            self._costs = (draft, verify)
+            self._costs, self._auto = (draft, verify), None
         return self._costs
 
     def _policy(self, mode: str, block):
@@ -157,8 +158,10 @@ class Orthrus:
             raise OrthrusError(f"{self.nm.path}: architecture {self.arch!r} has no diffusion view; "
                                f"Orthrus mode needs an orthrus-qwen3 GGUF (mode='ar' works)")
         block = self.block_size if block is None else self._check_block(block)
-        if block == "auto":
-            return AutoPolicy(self.nm.block_size, *self.calibrate())
+        if block == "auto":  # one per model: acceptance learnt on earlier calls carries over
+            if self._auto is None:
+                self._auto = AutoPolicy(self.nm.block_size, *self.calibrate())
+            return self._auto
         return FixedPolicy(block)
 
     # ------------------------------------------------------------ generation
