@@ -139,7 +139,7 @@ class NativeModel:
     def __init__(self, path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_ubatch: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
-                 seq: int = 0):
+                 seq: int = 0, repack: bool = True, batch_invariant: bool = False):
         self._ctx = self._model = None
         self._batch = None
         self.n = load()
@@ -149,6 +149,7 @@ class NativeModel:
             raise OrthrusError(f"no GGUF file at {path}")
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        mp.use_extra_bufts = repack  # CPU weight repacking (faster gemm kernels)
         self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
             raise OrthrusError(f"llama.cpp could not load {path} (set ORTHRUS_GGUF_VERBOSE=1 for its log)")
@@ -165,7 +166,20 @@ class NativeModel:
         cp.type_k = cp.type_v = _KV_TYPES[kv_type]
         # None: llama.cpp decides (enabled where the backend supports it)
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
-        self._ctx = lc.llama_init_from_model(self._model, cp)
+        # batch_invariant: CPU kernels with which a forward of B tokens gives bit for bit the
+        # logits of B one-token forwards (ggml's reference mode, GGML_CPU_USE_REF, patch 0005;
+        # docs/NUMERICS.md). ggml reads the variable when the context's CPU backend is created.
+        prev = os.environ.get("GGML_CPU_USE_REF")
+        if batch_invariant:
+            os.environ["GGML_CPU_USE_REF"] = "1"
+        try:
+            self._ctx = lc.llama_init_from_model(self._model, cp)
+        finally:
+            if batch_invariant:
+                if prev is None:
+                    del os.environ["GGML_CPU_USE_REF"]
+                else:
+                    os.environ["GGML_CPU_USE_REF"] = prev
         if not self._ctx:
             self.close()
             raise OrthrusError(f"llama.cpp could not create a context for {path} "
