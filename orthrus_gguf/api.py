@@ -39,15 +39,19 @@ class Result:
 class Orthrus:
     def __init__(self, model_path: str | Path, *, n_ctx: int = 4096, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, block_size: int | str | None = None,
-                 verbose: bool = False):
+                 exact: bool | None = None):
         path = Path(model_path)
         if not path.is_file():
             raise OrthrusError(f"{path}: no such file (expected a .gguf model)")
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise OrthrusError(f"{path}: not a GGUF file")
+        # exact: batch-invariant CPU kernels, so a verify batch gives bit for bit the logits of
+        # one-token forwards and greedy Orthrus equals greedy AR (docs/NUMERICS.md). On by
+        # default on the CPU; it does not reach GPU kernels.
+        self.exact = n_gpu_layers == 0 if exact is None else exact
         self.nm = NativeModel(path, n_ctx=n_ctx, n_batch=max(n_batch, 64), n_threads=n_threads,
-                              n_gpu_layers=n_gpu_layers)
+                              n_gpu_layers=n_gpu_layers, batch_invariant=self.exact)
         lc = self.nm.n.llama_cpp
         self._lc, self._vocab = lc, lc.llama_model_get_vocab(self.nm._model)
         self._eog: dict[int, bool] = {}

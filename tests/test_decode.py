@@ -85,7 +85,10 @@ def test_stats(f32_model):
     r = f32_model.generate(PROMPTS[5], max_tokens=40)
     s = r.stats
     assert s["tokens"] == len(r.tokens) == 40
-    assert s["steps"] == len(s["steps_detail"]) and s["forwards"] == 2 * s["steps"]
+    assert s["steps"] == len(s["steps_detail"])
+    # two forwards per step, one for the last step when a single token is left to emit
+    assert s["forwards"] == sum(2 if st["block"] >= 2 else 1 for st in s["steps_detail"])
+    assert s["steps_detail"][-1]["block"] == min(8, 40 - sum(st["accepted"] + 1 for st in s["steps_detail"][:-1]) - 1)
     assert sum(k * v for k, v in s["tokens_per_step_histogram"].items()) == 39
     assert s["time_draft_s"] > 0 and s["time_verify_s"] > 0 and s["time_python_s"] >= 0
     ar = f32_model.generate(PROMPTS[5], max_tokens=40, mode="ar").stats
@@ -194,7 +197,20 @@ def test_bad_input(f32_model, tmp_path):
                     (dict(block_size=9), r"block_size must be in \[2, 8\]"),
                     (dict(block_size="x"), "block_size must be an integer or 'auto'"),
                     (dict(mode="fast"), "mode must be one of"),
-                    (dict(max_tokens=500), r"exceeds the context of 512 tokens")]:
+                    (dict(max_tokens=508), r"exceeds the context of 512 tokens")]:
         with pytest.raises(OrthrusError, match=msg):
             m.generate(PROMPTS[3], **kw)
     assert m.generate(PROMPTS[3], max_tokens=5).tokens  # still usable
+
+
+def test_plain_qwen3_gguf_runs_ar_and_refuses_orthrus(tiny_gguf, tmp_path):
+    from test_native import plain_qwen3_copy
+    plain = plain_qwen3_copy(tiny_gguf("f32", tied=False), tmp_path / "plain.gguf")
+    with Orthrus(plain, n_ctx=256, n_threads=2) as m:
+        assert m.arch == "qwen3"
+        ar = m.generate(PROMPTS[4], max_tokens=12, mode="ar")
+        assert len(ar.tokens) == 12
+        with pytest.raises(OrthrusError, match="architecture 'qwen3' has no diffusion view"):
+            m.generate(PROMPTS[4], max_tokens=12)
+    with Orthrus(tiny_gguf("f32", tied=False), n_ctx=256, n_threads=2) as m:
+        assert m.generate(PROMPTS[4], max_tokens=12, mode="ar").tokens == ar.tokens  # same weights
