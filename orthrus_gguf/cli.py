@@ -140,5 +140,30 @@ def bench(model, n_ctx, threads, n_gpu_layers, prompts, max_tokens, block_sizes,
         click.echo(f"plot: {plot_report(rep, plot)}")
 
 
+@main.command()
+@click.option("--outtype", "outtypes", multiple=True, default=("f16", "q4_k_m"), show_default=True)
+@click.option("--max-tokens", "-n", default=96, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--n-gpu-layers", "-ngl", default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(), default=None)
+def demo(outtypes, max_tokens, threads, n_gpu_layers, json_out):
+    """Convert the embedded orthrus-tiny and race AR against Orthrus on held-out prompts."""
+    from .demo import run_demo
+    run_demo(outtypes, max_tokens, n_threads=threads, n_gpu_layers=n_gpu_layers, json_out=json_out)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("-m", "--model", required=True, type=click.Path(), help="GGUF file")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--draft-max", default=None, help="drafts per step: an integer, or 'auto' (default: block size - 1)")
+@click.option("-np", "--parallel", "n_parallel", default=1, show_default=True, help="server slots")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def serve(model, host, port, draft_max, n_parallel, extra):
+    """Run llama-server with Orthrus drafting; llama-server flags go after --."""
+    from .serve import serve as run_serve
+    sys.exit(run_serve(model, host, port, block_option(draft_max), n_parallel, extra, echo=click.echo))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,184 @@
+"""`orthrus-gguf serve`: the patched llama-server with Orthrus drafting on.
+
+The server drafts with the diffusion view on its own context (`--spec-type orthrus`), so
+there is no second model and no second KV cache; its existing verify path keeps greedy
+requests lossless. `Server` starts it, waits for /health and always stops it (terminate,
+wait, kill); `serve` runs one in the foreground until Ctrl-C.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import OrthrusError
+
+ORTHRUS_ARCH = "orthrus-qwen3"
+
+
+def server_binary() -> Path:
+    """llama-server of the finished build of the current inputs."""
+    from .build import library_dir
+    d = library_dir()
+    exe = d / "llama-server" if d is not None else None
+    if exe is None or not exe.is_file():
+        raise OrthrusError("llama-server not found: run `orthrus-gguf build` first "
+                           "(or point ORTHRUS_GGUF_LIB_DIR at a directory holding it)")
+    return exe
+
+
+def model_block_size(model: str | Path) -> int:
+    """The GGUF's diffusion block size, or 0 for a model without the diffusion view."""
+    from .convert.info import gguf_info
+    info = gguf_info(model)
+    if info.get("architecture") != ORTHRUS_ARCH:
+        return 0
+    return int(info.get("diffusion.block_size") or 0)
+
+
+def server_command(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
+                   draft_max: int | str | None = None, n_parallel: int = 1,
+                   extra: tuple[str, ...] | list[str] = (), drafting: bool = True,
+                   exe: Path | None = None) -> tuple[list[str], str]:
+    """The llama-server command line, and a one-line note on how it drafts.
+
+    draft_max: None (block size - 1), an integer in [1, block size - 1], or "auto" (the
+    length is chosen per step from measured costs and acceptance, up to block size - 1)."""
+    exe = exe or server_binary()
+    if not isinstance(n_parallel, int) or n_parallel < 1:
+        raise OrthrusError(f"-np must be an integer >= 1, got {n_parallel!r}")
+    cmd = [str(exe), "-m", str(model), "--host", host, "--port", str(port), "-np", str(n_parallel)]
+    block = model_block_size(model)
+    if not drafting:
+        note = "drafting off (asked for)"
+    elif block < 2:
+        note = f"drafting off: {model} is not an {ORTHRUS_ARCH} GGUF (no diffusion view)"
+    else:
+        cmd += ["--spec-type", "orthrus"]
+        if draft_max == "auto":
+            cmd += ["--spec-orthrus-auto"]
+            note = f"Orthrus drafting on: auto length, up to {block - 1} drafts per step"
+        else:
+            n = block - 1 if draft_max is None else _draft_max(draft_max, block)
+            cmd += ["--spec-draft-n-max", str(n)]
+            note = f"Orthrus drafting on: {n} drafts per step (block size {block})"
+    return cmd + [str(a) for a in extra], note
+
+
+def _draft_max(value, block: int) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise OrthrusError(f"--draft-max must be an integer or 'auto', got {value!r}") from None
+    if not 1 <= n <= block - 1:
+        raise OrthrusError(f"--draft-max must be in [1, {block - 1}] (block size - 1 of the GGUF) "
+                           f"or 'auto', got {n}")
+    return n
+
+
+class Server:
+    """One llama-server process: `with Server(cmd) as s: ... s.url`."""
+
+    def __init__(self, cmd: list[str], host: str = "127.0.0.1", port: int = 8080,
+                 log: str | Path | None = None, timeout: float = 120.0, env: dict | None = None):
+        self.cmd, self.host, self.port, self.timeout, self.env = cmd, host, port, timeout, env
+        self.log_path = Path(log) if log else None
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "Server":
+        out = None
+        if self.log_path is not None:
+            self._log = open(self.log_path, "wb")
+            out = self._log
+        # its own session: Ctrl-C reaches only us, and we stop it in order
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise OrthrusError(f"llama-server exited with status {self.proc.returncode} before it "
+                                   f"was ready{self._tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise OrthrusError(f"llama-server did not answer {self.url}/health within "
+                                   f"{self.timeout:.0f} s{self._tail()}")
+            time.sleep(0.1)
+
+    def _tail(self, n: int = 3000) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        return ":\n" + self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def stop(self, grace: float = 10.0) -> None:
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
+          draft_max: int | str | None = None, n_parallel: int = 1,
+          extra: tuple[str, ...] | list[str] = (), echo=print) -> int:
+    """Run llama-server in the foreground with Orthrus drafting until Ctrl-C (or it exits)."""
+    if not Path(model).is_file():
+        raise OrthrusError(f"{model}: no such file")
+    cmd, note = server_command(model, host, port, draft_max, n_parallel, extra)
+    echo(note)
+    # as in the Python API: batch-invariant CPU kernels, so greedy drafting is token-identical
+    # to plain decoding (docs/NUMERICS.md); GGML_CPU_USE_REF=0 in the environment opts out
+    env = dict(os.environ)
+    env.setdefault("GGML_CPU_USE_REF", "1")
+    server = Server(cmd, host, port, timeout=600.0, env=env)
+    # Ctrl-C (even where the shell started us with SIGINT ignored) and SIGTERM (a service
+    # manager) both stop the server in order
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        echo(f"serving {model} at {server.url} (OpenAI API under {server.url}/v1); Ctrl-C stops it")
+        rc = server.proc.wait()
+        echo(f"llama-server exited with status {rc}")
+        return rc
+    except KeyboardInterrupt:
+        echo("stopping llama-server")
+        return 0
+    finally:
+        server.stop()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
