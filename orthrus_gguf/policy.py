@@ -36,6 +36,7 @@ class AutoPolicy:
         self.hit = np.full(max_block, prior[0])
         self.miss = np.full(max_block, prior[1])
         self.since_probe, self.probe_every = 0, self.PROBE_MIN
+        self._best: int | None = None
 
     @staticmethod
     def _interp(costs: dict[int, float], widths: np.ndarray) -> np.ndarray:
@@ -52,7 +53,9 @@ class AutoPolicy:
 
     def choose(self, limit: int) -> int:
         limit = min(limit, self.max_block)
-        b = int(np.argmax(self.rates(limit))) + 1
+        if self._best is None or self._best > limit:  # rates change only in update()
+            self._best = int(np.argmax(self.rates(limit))) + 1
+        b = self._best
         if b == 1 and limit >= 2:
             self.since_probe += 1
             if self.since_probe >= self.probe_every:  # refresh the acceptance estimate cheaply
@@ -61,6 +64,9 @@ class AutoPolicy:
         return b
 
     def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:  # a plain AR step says nothing about acceptance
+            return
+        self._best = None
         self.hit *= self.DECAY  # old evidence fades: acceptance changes with the text
         self.miss *= self.DECAY
         self.hit[1:accepted + 1] += 1
