@@ -56,9 +56,11 @@ def solve_result(text: str) -> int:
 
 def test_code_prompt_ends_with_a_def_line():
     src = inspect.getsource(corpus)
-    p = corpus.code_prompt(src)
-    assert p.splitlines()[-1].lstrip().startswith("def ") and p.endswith(":\n")
-    assert p in src and len(p) < 500
+    ps = corpus.code_prompts(src)
+    assert len(ps) == 2
+    for p in ps:
+        assert p.splitlines()[-1].lstrip().startswith("def ") and p.endswith(":\n")
+        assert p in src and len(p) < 500
 
 
 def test_batched_views_match_the_reference(toy):

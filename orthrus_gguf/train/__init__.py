@@ -1,0 +1,1 @@
+"""Training orthrus-tiny: corpus, tokenizer, base model, diffusion heads (`python -m orthrus_gguf.train`)."""
