@@ -11,14 +11,20 @@ SHOWN = ("context_length", "embedding_length", "block_count", "feed_forward_leng
          "rope.freq_base", "vocab_size", "diffusion.block_size", "diffusion.mask_token_id")
 
 
-def read_gguf(path: str | Path):
-    from gguf import GGUFReader
+def check_gguf_file(path: str | Path) -> Path:
+    """The path, if it is a file that starts with the GGUF magic; else a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise OrthrusError(f"{path}: no such file")
+        raise OrthrusError(f"{path}: no such file (expected a .gguf model)")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise OrthrusError(f"{path}: not a GGUF file (bad magic)")
+    return path
+
+
+def read_gguf(path: str | Path):
+    from gguf import GGUFReader
+    path = check_gguf_file(path)
     try:
         return GGUFReader(str(path))
     except Exception as e:

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .convert.info import check_gguf_file
 from .decode import Stats, decode
 from .errors import OrthrusError
 from .native import NativeModel
@@ -40,12 +41,7 @@ class Orthrus:
     def __init__(self, model_path: str | Path, *, n_ctx: int = 4096, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, block_size: int | str | None = None,
                  exact: bool | None = None):
-        path = Path(model_path)
-        if not path.is_file():
-            raise OrthrusError(f"{path}: no such file (expected a .gguf model)")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise OrthrusError(f"{path}: not a GGUF file")
+        path = check_gguf_file(model_path)
         # exact: batch-invariant CPU kernels, so a verify batch gives bit for bit the logits of
         # one-token forwards and greedy Orthrus equals greedy AR (docs/NUMERICS.md). On by
         # default on the CPU; it does not reach GPU kernels.
