@@ -42,7 +42,10 @@ def _agg(runs: list[dict]) -> dict:
     t = sum(r["time_draft_s"] + r["time_verify_s"] + r["time_python_s"] for r in runs)
     fw = sum(r["time_draft_s"] + r["time_verify_s"] for r in runs)
     steps = sum(r["steps"] for r in runs)
+    drafted = [s["accepted"] + 1 for r in runs for s in r.get("steps_detail", ()) if s["drafted"]]
     return {"tokens_per_second": tokens / t if t else 0.0,
+            # the reference's measure: counts drafts accepted past an end-of-generation token
+            "accepted_plus_one": float(np.mean(drafted)) if drafted else 0.0,
             "tokens_per_step": sum(r["tokens"] - 1 for r in runs) / steps if steps else 0.0,
             "tokens_per_forward": tokens / max(1, sum(r["forwards"] for r in runs)),
             "step_over_forwards": t / fw if fw else 0.0,
