@@ -90,7 +90,7 @@ def _loop(nm, prompt, max_tokens, sampler, policy, is_eog, stats, clock, start):
     while not is_eog(t) and stats.tokens < max_tokens:
         t0 = clock()
         b = 1 if policy is None else policy.choose(max_tokens - stats.tokens)
-        d = np.empty(0, dtype=np.int32)
+        d, q = np.empty(0, dtype=np.int32), None
         t1 = t0
         if b >= 2:
             nm.draft(t, p, b)
@@ -110,9 +110,8 @@ def _loop(nm, prompt, max_tokens, sampler, policy, is_eog, stats, clock, start):
             n = _first_mismatch(d, a)
             nxt = int(a[n])
         else:
-            n, nxt = sampler.accept(d, q, sampler.probs(nm.logits(d.size + 1))) if d.size else \
-                (0, int(sampler.draw(sampler.probs(nm.logits(1)))[0]))
-        if n + 1 < d.size + 1:
+            n, nxt = sampler.accept(d, q, sampler.probs(nm.logits(d.size + 1)))  # no drafts: a plain sample
+        if n < d.size:
             nm.seq_rm(p + n + 1)  # drop the rejected drafts' cells
         new = [int(x) for x in d[:n]] + [nxt]
         for i, tok in enumerate(new):  # stop at the first end-of-generation token
@@ -128,6 +127,6 @@ def _loop(nm, prompt, max_tokens, sampler, policy, is_eog, stats, clock, start):
         stats.blocks.append(b)
         stats.drafted.append(d.tolist())
         stats.accepted.append(n)
-        stats.t_python += (clock() - t0) - (t1 - t0 if b >= 2 else 0) - (t3 - t2)
+        stats.t_python += (clock() - t0) - (t1 - t0) - (t3 - t2)  # t1 == t0 without a draft
         yield new
         p, t = p + n + 1, new[-1]
