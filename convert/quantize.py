@@ -23,13 +23,8 @@ LOSSLESS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 def llama_quantize() -> Path:
-    from ..build import library_dir
-    d = library_dir()
-    tool = d / "llama-quantize" if d else None
-    if tool is None or not tool.is_file():
-        raise OrthrusError("llama-quantize of the patched llama.cpp is not built: run `orthrus-gguf build` "
-                           "(k-quants of orthrus-qwen3 need the patched quantizer)")
-    return tool
+    from ..build import binary
+    return binary("llama-quantize", "k-quants of orthrus-qwen3 need the patched quantizer")
 
 
 def convert_quantized(model, out, qtype: str, force: bool = False, progress: bool = True,

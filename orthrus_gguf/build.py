@@ -141,6 +141,16 @@ def library_dir(backend: str | None = None) -> Path | None:
     return None
 
 
+def binary(name: str, needed_for: str) -> Path:
+    """A program (llama-server, llama-quantize) of the finished build of the current inputs."""
+    d = library_dir()
+    exe = d / name if d is not None else None
+    if exe is None or not exe.is_file():
+        raise OrthrusError(f"{name} of the patched llama.cpp is not built: run `orthrus-gguf build` "
+                           f"(or point ORTHRUS_GGUF_LIB_DIR at a directory holding it); {needed_for}")
+    return exe
+
+
 # ------------------------------------------------------------------ steps
 
 def _say(progress: bool, msg: str) -> None:

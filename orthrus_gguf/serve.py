@@ -22,13 +22,8 @@ ORTHRUS_ARCH = "orthrus-qwen3"
 
 def server_binary() -> Path:
     """llama-server of the finished build of the current inputs."""
-    from .build import library_dir
-    d = library_dir()
-    exe = d / "llama-server" if d is not None else None
-    if exe is None or not exe.is_file():
-        raise OrthrusError("llama-server not found: run `orthrus-gguf build` first "
-                           "(or point ORTHRUS_GGUF_LIB_DIR at a directory holding it)")
-    return exe
+    from .build import binary
+    return binary("llama-server", "it serves Orthrus drafting")
 
 
 def model_block_size(model: str | Path) -> int:
