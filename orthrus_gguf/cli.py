@@ -140,6 +140,36 @@ def bench(model, n_ctx, threads, n_gpu_layers, prompts, max_tokens, block_sizes,
         click.echo(f"plot: {plot_report(rep, plot)}")
 
 
+@main.command("bench-server", context_settings={"ignore_unknown_options": True})
+@click.option("-m", "--model", required=True, type=click.Path(), help="GGUF file")
+@click.option("--prompts", type=click.Path(), default=None,
+              help="JSON list of prompts, or an object of named lists")
+@click.option("--max-tokens", "-n", default=128, show_default=True)
+@click.option("--temp", default=0.0, show_default=True, help="temperature of every request")
+@click.option("--setting", "settings", multiple=True, default=("off", "speculative", "match"), show_default=True,
+              type=click.Choice(["off", "speculative", "match", "auto"]),
+              help="servers to compare (repeatable); 'off' is always run, as the baseline")
+@click.option("--draft-max", default=None, help="drafts per step of the drafting servers (default: block size - 1)")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="also write the report as JSON")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def bench_server(model, prompts, max_tokens, temp, settings, draft_max, json_out, extra):
+    """llama-server with drafting off against Orthrus drafting: speed, acceptance, identity.
+    llama-server flags go after -- (e.g. -- -t 4 -ngl 99)."""
+    import json
+    import os
+
+    from .bench import load_prompts
+    from .serve_bench import format_server_report, run_server_bench
+    if not os.path.isfile(model):
+        raise OrthrusError(f"{model}: no such file")
+    rep = run_server_bench(model, load_prompts(prompts), max_tokens, temp, settings,
+                           block_option(draft_max), extra, progress=click.echo)
+    click.echo(format_server_report(rep))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(rep, f, indent=2)
+
+
 @main.command()
 @click.option("--outtype", "outtypes", multiple=True, default=("f16", "q4_k_m"), show_default=True)
 @click.option("--max-tokens", "-n", default=96, show_default=True)
@@ -158,11 +188,14 @@ def demo(outtypes, max_tokens, threads, n_gpu_layers, json_out):
 @click.option("--port", default=8080, show_default=True)
 @click.option("--draft-max", default=None, help="drafts per step: an integer, or 'auto' (default: block size - 1)")
 @click.option("-np", "--parallel", "n_parallel", default=1, show_default=True, help="server slots")
+@click.option("--rule", type=click.Choice(["speculative", "match"]), default="speculative", show_default=True,
+              help="temperature > 0: speculative sampling against the draft, or token matching")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def serve(model, host, port, draft_max, n_parallel, extra):
+def serve(model, host, port, draft_max, n_parallel, rule, extra):
     """Run llama-server with Orthrus drafting; llama-server flags go after --."""
     from .serve import serve as run_serve
-    sys.exit(run_serve(model, host, port, block_option(draft_max), n_parallel, extra, echo=click.echo))
+    sys.exit(run_serve(model, host, port, block_option(draft_max), n_parallel, extra, echo=click.echo,
+                       rule=rule))
 
 
 if __name__ == "__main__":

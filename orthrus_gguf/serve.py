@@ -38,14 +38,19 @@ def model_block_size(model: str | Path) -> int:
 def server_command(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
                    draft_max: int | str | None = None, n_parallel: int = 1,
                    extra: tuple[str, ...] | list[str] = (), drafting: bool = True,
-                   exe: Path | None = None) -> tuple[list[str], str]:
+                   exe: Path | None = None, rule: str = "speculative") -> tuple[list[str], str]:
     """The llama-server command line, and a one-line note on how it drafts.
 
     draft_max: None (block size - 1), an integer in [1, block size - 1], or "auto" (the
-    length is chosen per step from measured costs and acceptance, up to block size - 1)."""
+    length is chosen per step from measured costs and acceptance, up to block size - 1).
+    rule: how requests with temperature > 0 keep drafts: "speculative" (drafts sampled
+    from the diffusion view, kept with probability min(1, p/q)) or "match" (greedy drafts,
+    kept while the model's own sample equals them: llama.cpp's usual rule)."""
     exe = exe or server_binary()
     if not isinstance(n_parallel, int) or n_parallel < 1:
         raise OrthrusError(f"-np must be an integer >= 1, got {n_parallel!r}")
+    if rule not in ("speculative", "match"):
+        raise OrthrusError(f"rule must be 'speculative' or 'match', got {rule!r}")
     cmd = [str(exe), "-m", str(model), "--host", host, "--port", str(port), "-np", str(n_parallel)]
     block = model_block_size(model)
     if not drafting:
@@ -61,6 +66,9 @@ def server_command(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
             n = block - 1 if draft_max is None else _draft_max(draft_max, block)
             cmd += ["--spec-draft-n-max", str(n)]
             note = f"Orthrus drafting on: {n} drafts per step (block size {block})"
+        if rule == "match":
+            cmd += ["--spec-orthrus-match"]
+            note += "; sampled requests keep drafts by token matching"
     return cmd + [str(a) for a in extra], note
 
 
@@ -146,19 +154,23 @@ class Server:
         self.stop()
 
 
+def server_env() -> dict:
+    """As in the Python API: batch-invariant CPU kernels, so greedy drafting is token-identical
+    to plain decoding (docs/NUMERICS.md); GGML_CPU_USE_REF=0 in the environment opts out."""
+    env = dict(os.environ)
+    env.setdefault("GGML_CPU_USE_REF", "1")
+    return env
+
+
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
           draft_max: int | str | None = None, n_parallel: int = 1,
-          extra: tuple[str, ...] | list[str] = (), echo=print) -> int:
+          extra: tuple[str, ...] | list[str] = (), echo=print, rule: str = "speculative") -> int:
     """Run llama-server in the foreground with Orthrus drafting until Ctrl-C (or it exits)."""
     if not Path(model).is_file():
         raise OrthrusError(f"{model}: no such file")
-    cmd, note = server_command(model, host, port, draft_max, n_parallel, extra)
+    cmd, note = server_command(model, host, port, draft_max, n_parallel, extra, rule=rule)
     echo(note)
-    # as in the Python API: batch-invariant CPU kernels, so greedy drafting is token-identical
-    # to plain decoding (docs/NUMERICS.md); GGML_CPU_USE_REF=0 in the environment opts out
-    env = dict(os.environ)
-    env.setdefault("GGML_CPU_USE_REF", "1")
-    server = Server(cmd, host, port, timeout=600.0, env=env)
+    server = Server(cmd, host, port, timeout=600.0, env=server_env())
     # Ctrl-C (even where the shell started us with SIGINT ignored) and SIGTERM (a service
     # manager) both stop the server in order
     def interrupt(*_):

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <stdexcept>
 #include <string>
 
@@ -151,19 +152,85 @@ struct orthrus_auto_policy {
     }
 };
 
+// ---------------------------------------------------------------- sampled drafts
+
+// A distribution over the vocabulary with its mass on few tokens: (id, p) with p > 0.
+using orthrus_dist = std::vector<llama_token_data>;
+
+// The distribution the sampler chain draws from on a row of logits: every sampler of the
+// chain but the last (`dist`, which only draws) transforms the candidates, then softmax.
+static void orthrus_warp(llama_sampler * chain, const float * logits, int32_t n_vocab, orthrus_dist & out) {
+    static thread_local std::vector<llama_token_data> cur;
+    cur.resize(n_vocab);
+    for (llama_token id = 0; id < n_vocab; ++id) {
+        cur[id] = llama_token_data{ id, logits[id], 0.0f };
+    }
+    llama_token_data_array arr = { cur.data(), cur.size(), -1, false };
+    const int32_t n = llama_sampler_chain_n(chain);
+    for (int32_t i = 0; i + 1 < n; ++i) {
+        llama_sampler_apply(llama_sampler_chain_get(chain, i), &arr);
+    }
+    float mx = -INFINITY;
+    for (size_t i = 0; i < arr.size; ++i) {
+        mx = std::max(mx, arr.data[i].logit);
+    }
+    out.clear();
+    double sum = 0.0;
+    for (size_t i = 0; i < arr.size; ++i) {
+        const float l = arr.data[i].logit;
+        if (std::isfinite(l)) {
+            const double e = std::exp((double) l - mx);
+            out.push_back(llama_token_data{ arr.data[i].id, l, (float) e });
+            sum += e;
+        }
+    }
+    for (auto & t : out) {
+        t.p = (float) (t.p / sum);
+    }
+}
+
+static llama_token orthrus_draw(const orthrus_dist & dist, std::mt19937 & rng) {
+    double total = 0.0;
+    for (const auto & t : dist) {
+        total += t.p;
+    }
+    const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
+    double c = 0.0;
+    for (const auto & t : dist) {
+        c += t.p;
+        if (u < c) {
+            return t.id;
+        }
+    }
+    return dist.back().id;
+}
+
+// A request's sampling state on one sequence.
+struct orthrus_seq {
+    common_sampler * smpl = nullptr; // the slot's sampler (not owned)
+    bool speculative = false;        // sampled drafts + speculative sampling apply
+    std::mt19937 rng;
+    int32_t last_drafted = 0;
+    llama_tokens drafts;             // the last sampled draft ...
+    std::vector<orthrus_dist> q;     // ... and the distribution each token was drawn from
+};
+
 // ---------------------------------------------------------------- the drafter
 
 struct common_orthrus_drafter {
     llama_context * ctx = nullptr;
     int32_t n_max = 0;     // most drafts per step; block = n_max + 1
     bool auto_len = false;
+    bool match = false;    // sampled requests: greedy drafts and token matching
     bool calibrated = false;
     orthrus_auto_policy policy;
-    std::vector<int32_t> last_drafted; // per seq
+    std::vector<orthrus_seq> seqs;
     std::vector<llama_token> rows;     // argmax per block row
+    std::vector<float> scratch;        // dense q of one row (verify)
 };
 
-common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max, bool auto_len, uint32_t n_seq) {
+common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max, bool auto_len, bool match,
+                                             uint32_t n_seq) {
     if (ctx == nullptr) {
         throw std::runtime_error("orthrus drafting needs the target context");
     }
@@ -183,7 +250,8 @@ common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max,
     d->ctx = ctx;
     d->n_max = n_max;
     d->auto_len = auto_len;
-    d->last_drafted.assign(n_seq, 0);
+    d->match = match;
+    d->seqs.resize(n_seq);
     return d;
 }
 
@@ -252,12 +320,60 @@ static void orthrus_calibrate(common_orthrus_drafter * d, llama_seq_id seq, llam
     ORT_INF("auto: measured width:draft/verify ms%s\n", s.c_str());
 }
 
-void common_orthrus_draft(common_orthrus_drafter * d, llama_seq_id seq, llama_token id_last,
-                          llama_pos pos0, int32_t n_max, std::vector<llama_token> & result) {
-    if (seq < 0 || (size_t) seq >= d->last_drafted.size()) {
+void common_orthrus_set_sampler(common_orthrus_drafter * d, llama_seq_id seq, common_sampler * smpl,
+                                const common_params_sampling & params) {
+    if (d == nullptr || seq < 0 || (size_t) seq >= d->seqs.size()) {
         return;
     }
-    d->last_drafted[seq] = 0;
+    auto & S = d->seqs[seq];
+    S = orthrus_seq();
+    S.smpl = smpl;
+    if (smpl == nullptr || d->match || params.temp <= 0.0f || params.mirostat != 0 ||
+        common_sampler_has_constraints(smpl)) {
+        return; // greedy drafts; the verify keeps them by token matching
+    }
+    llama_sampler * chain = common_sampler_get(smpl);
+    const int32_t n = llama_sampler_chain_n(chain);
+    if (n < 1 || std::strcmp(llama_sampler_name(llama_sampler_chain_get(chain, n - 1)), "dist") != 0) {
+        return; // the last sampler is not a plain draw (adaptive-p): no closed-form p
+    }
+    S.speculative = true;
+    S.rng.seed(common_sampler_get_seed(smpl) ^ 0x6f727468u); // "orth": not the dist sampler's stream
+}
+
+// Draw drafts from q, the slot's chain on each diffusion row; a clone of the sampler sees
+// the drafts so far, as the slot's sampler will see them when the verify accepts them.
+static void orthrus_sample_drafts(common_orthrus_drafter * d, orthrus_seq & S, int32_t n) {
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(d->ctx)));
+    const llama_vocab * vocab = llama_model_get_vocab(llama_get_model(d->ctx));
+    common_sampler * clone = common_sampler_clone(S.smpl);
+    llama_sampler * chain = common_sampler_get(clone);
+    S.q.resize(n);
+    S.drafts.clear();
+    for (int32_t i = 0; i < n; ++i) {
+        orthrus_warp(chain, llama_get_logits_ith(d->ctx, i), n_vocab, S.q[i]);
+        if (S.q[i].empty()) {
+            break;
+        }
+        const llama_token t = orthrus_draw(S.q[i], S.rng);
+        S.drafts.push_back(t);
+        if (llama_vocab_is_eog(vocab, t)) {
+            break; // nothing follows an end of generation
+        }
+        common_sampler_accept(clone, t, true);
+    }
+    S.q.resize(S.drafts.size());
+    common_sampler_free(clone);
+}
+
+void common_orthrus_draft(common_orthrus_drafter * d, llama_seq_id seq, llama_token id_last,
+                          llama_pos pos0, int32_t n_max, std::vector<llama_token> & result) {
+    if (seq < 0 || (size_t) seq >= d->seqs.size()) {
+        return;
+    }
+    auto & S = d->seqs[seq];
+    S.last_drafted = 0;
+    S.drafts.clear();
     int32_t n = d->n_max;
     if (n_max >= 0) {
         n = std::min(n, n_max);
@@ -287,21 +403,97 @@ void common_orthrus_draft(common_orthrus_drafter * d, llama_seq_id seq, llama_to
         return;
     }
     // row i-1 predicts position pos0 + i: drafts d1..d(block-1) from rows 0..block-2
+    if (S.speculative && S.smpl != nullptr) {
+        orthrus_sample_drafts(d, S, block - 1);
+        result.insert(result.end(), S.drafts.begin(), S.drafts.end());
+        S.last_drafted = (int32_t) S.drafts.size();
+        return;
+    }
     d->rows.resize(block - 1);
     if (llama_orthrus_argmax(d->ctx, block - 1, d->rows.data()) != 0) {
         return;
     }
     result.insert(result.end(), d->rows.begin(), d->rows.end());
-    d->last_drafted[seq] = block - 1;
+    S.last_drafted = block - 1;
+}
+
+std::vector<llama_token> common_orthrus_sample_and_accept_n(common_orthrus_drafter * d, llama_seq_id seq,
+                                                            common_sampler * smpl, llama_context * ctx,
+                                                            const std::vector<int> & idxs,
+                                                            const llama_tokens & draft) {
+    const bool sampled = d != nullptr && seq >= 0 && (size_t) seq < d->seqs.size() &&
+                         d->seqs[seq].speculative && d->seqs[seq].smpl == smpl &&
+                         !draft.empty() && draft.size() <= d->seqs[seq].drafts.size() &&
+                         std::equal(draft.begin(), draft.end(), d->seqs[seq].drafts.begin()) &&
+                         idxs.size() == draft.size() + 1;
+    if (!sampled) {
+        return common_sampler_sample_and_accept_n(smpl, ctx, idxs, draft);
+    }
+    auto & S = d->seqs[seq];
+    const llama_vocab * vocab = llama_model_get_vocab(llama_get_model(ctx));
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+    llama_sampler * chain = common_sampler_get(smpl);
+    d->scratch.assign(n_vocab, 0.0f);
+    std::vector<llama_token> result;
+    orthrus_dist p;
+    llama_synchronize(ctx);
+    for (size_t i = 0; i < draft.size(); ++i) {
+        orthrus_warp(chain, llama_get_logits_ith(ctx, idxs[i]), n_vocab, p);
+        const orthrus_dist & q = S.q[i];
+        for (const auto & t : q) {
+            d->scratch[t.id] = t.p;
+        }
+        double p_d = 0.0;
+        for (const auto & t : p) {
+            if (t.id == draft[i]) {
+                p_d = t.p;
+            }
+        }
+        const double q_d = d->scratch[draft[i]];
+        const double u = std::uniform_real_distribution<double>(0.0, 1.0)(S.rng);
+        if (u * q_d < p_d) { // keep draft i with probability min(1, p/q)
+            for (const auto & t : q) {
+                d->scratch[t.id] = 0.0f;
+            }
+            result.push_back(draft[i]);
+            common_sampler_accept(smpl, draft[i], true);
+            if (llama_vocab_is_eog(vocab, draft[i])) {
+                return result; // the end of generation is the step's last token
+            }
+            continue;
+        }
+        // rejected: draw from the residual max(0, p - q), or from p if it has no mass
+        orthrus_dist res;
+        for (const auto & t : p) {
+            const float r = t.p - d->scratch[t.id];
+            if (r > 0.0f) {
+                res.push_back(llama_token_data{ t.id, t.logit, r });
+            }
+        }
+        double mass = 0.0;
+        for (const auto & t : res) {
+            mass += t.p;
+        }
+        const llama_token x = orthrus_draw(mass > 1e-9 ? res : p, S.rng);
+        result.push_back(x);
+        common_sampler_accept(smpl, x, true);
+        return result;
+    }
+    // every draft kept: the bonus token is a plain draw from the last row
+    const llama_token x = common_sampler_sample(smpl, ctx, idxs[draft.size()]);
+    common_sampler_accept(smpl, x, true);
+    result.push_back(x);
+    return result;
 }
 
 void common_orthrus_accept(common_orthrus_drafter * d, llama_seq_id seq, int32_t n_accepted) {
-    if (seq < 0 || (size_t) seq >= d->last_drafted.size()) {
+    if (seq < 0 || (size_t) seq >= d->seqs.size()) {
         return;
     }
-    const int32_t drafted = d->last_drafted[seq];
+    auto & S = d->seqs[seq];
+    const int32_t drafted = S.last_drafted;
     if (d->auto_len && d->calibrated && drafted > 0) {
         d->policy.update(drafted, std::min(n_accepted, drafted));
     }
-    d->last_drafted[seq] = 0;
+    S.last_drafted = 0;
 }

@@ -4,16 +4,28 @@
 // llama_orthrus_draft decodes [t, M, ..., M] at p.. with the diffusion view and leaves the
 // cache exactly as it was. common/speculative.cpp wraps it as the speculative type
 // "orthrus" (a thin adapter); the server verifies the drafts as for any other type.
+//
+// Sampled requests (temperature > 0) use speculative sampling (ORTHRUS.md): drafts are
+// drawn from q, the slot's sampler chain applied to the diffusion rows, and the verify
+// keeps draft i with probability min(1, p_i(d_i) / q_i(d_i)), p_i being the same chain on
+// the AR row; at the first rejection it draws from normalize(max(0, p_i - q_i)). The
+// output has the AR distribution exactly and keeps more drafts than token matching.
 
 #pragma once
 
 #include "common.h"
 #include "llama.h"
+#include "sampling.h"
 
 #include <cstdint>
 #include <vector>
 
 struct common_orthrus_drafter;
+struct common_speculative;
+
+// The orthrus drafter of a speculative context, or nullptr (spec null or no orthrus type).
+// Defined in common/speculative.cpp, which owns the implementations.
+common_orthrus_drafter * common_speculative_get_orthrus(common_speculative * spec);
 
 // Resolve the orthrus settings of `params` before the target context is created (the
 // server sizes its output buffers from the draft length): reads the model's GGUF metadata,
@@ -24,8 +36,11 @@ bool common_orthrus_prepare(common_params & params);
 
 // ctx: the target context. n_max: most drafted tokens per step (block = n_max + 1).
 // auto_len: pick the length per step from measured costs and acceptance (may be 0).
+// match: sampled requests draft greedily and keep drafts by token matching (upstream's
+// rule) instead of speculative sampling.
 // Throws std::runtime_error when the model is not orthrus-qwen3 or n_max is out of range.
-common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max, bool auto_len, uint32_t n_seq);
+common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max, bool auto_len, bool match,
+                                             uint32_t n_seq);
 
 void common_orthrus_free(common_orthrus_drafter * d);
 
@@ -33,6 +48,22 @@ void common_orthrus_free(common_orthrus_drafter * d);
 // exactly the positions < pos0). Appends the drafts to result (nothing if a draft does not pay).
 void common_orthrus_draft(common_orthrus_drafter * d, llama_seq_id seq, llama_token id_last,
                           llama_pos pos0, int32_t n_max, std::vector<llama_token> & result);
+
+// A request starts on seq with sampler smpl (nullptr: none). Speculative sampling applies
+// when params.temp > 0, no grammar or reasoning budget constrains smpl, and its chain ends
+// in the `dist` sampler; its random draws are seeded from the sampler's seed. No-op if d
+// is nullptr.
+void common_orthrus_set_sampler(common_orthrus_drafter * d, llama_seq_id seq, common_sampler * smpl,
+                                const common_params_sampling & params);
+
+// Verify the draft of seq against the target rows idxs (one per draft token, then the
+// bonus row), accepting the emitted tokens into smpl: speculative sampling if the draft is
+// (a prefix of) the last sampled draft of seq, else common_sampler_sample_and_accept_n.
+// Returns the emitted tokens: the accepted drafts, then one token drawn by the target.
+std::vector<llama_token> common_orthrus_sample_and_accept_n(common_orthrus_drafter * d, llama_seq_id seq,
+                                                            common_sampler * smpl, llama_context * ctx,
+                                                            const std::vector<int> & idxs,
+                                                            const llama_tokens & draft);
 
 // The target accepted n_accepted of the tokens of the last draft of seq.
 void common_orthrus_accept(common_orthrus_drafter * d, llama_seq_id seq, int32_t n_accepted);
