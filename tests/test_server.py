@@ -272,6 +272,24 @@ def test_draft_lengths(gguf, tmp_path_factory, request, off):
             s.stop()
 
 
+def test_bench_server_reports_identity_and_acceptance(gguf, tmp_path):
+    """`bench-server` at T=0: the drafting server's texts equal drafting off's, its
+    counts are the server's own timings, and the ratio is taken against drafting off."""
+    from orthrus_gguf.serve_bench import format_server_report, run_server_bench
+    from orthrus_gguf.errors import OrthrusError
+    rep = run_server_bench(gguf, {"p": PROMPTS[:4]}, max_tokens=16, settings=("speculative",),
+                           extra=EXACT, log_dir=tmp_path, progress=lambda *_: None)
+    off, on = rep["groups"]["p"]["off"], rep["groups"]["p"]["speculative"]
+    assert on["identical"] == 4 and off["draft_n"] == 0
+    assert 0 < on["draft_n_accepted"] <= on["draft_n"] and on["predicted_n"] == off["predicted_n"]
+    assert on["vs_off"] == pytest.approx(on["tokens_per_second"] / off["tokens_per_second"])
+    assert on["tokens_per_step"] == pytest.approx(on["predicted_n"] / (on["predicted_n"] - on["draft_n_accepted"]))
+    assert "4/4" in format_server_report(rep)
+    assert (tmp_path / "orthrus-bench-server-speculative.log").is_file()
+    with pytest.raises(OrthrusError, match="unknown setting"):
+        run_server_bench(gguf, {"p": PROMPTS[:1]}, settings=("fast",))
+
+
 def test_plain_qwen3_serves_with_drafting_off(tiny_gguf, tmp_path, tmp_path_factory, request):
     """A plain qwen3 GGUF (same f32 weights, no diffusion view): `serve` leaves drafting off
     and says so; llama-server given --spec-type orthrus anyway warns and serves plain AR."""
