@@ -78,6 +78,8 @@ def run_server_bench(model: str | Path, prompts: dict[str, list[str]], max_token
                         tot[k] += t.get(k, 0)
                     texts[name, group, i] = r["content"]
                     tot["identical"] += r["content"] == texts.get(("off", group, i))
+                if name == "off" or temperature != 0:  # sampled texts differ by design
+                    del tot["identical"]
                 n, acc = tot["predicted_n"], tot["draft_n_accepted"]
                 tot["tokens_per_second"] = n / (tot["predicted_ms"] / 1e3) if tot["predicted_ms"] else 0.0
                 # each step emits its kept drafts and one token of its own
@@ -98,7 +100,7 @@ def format_server_report(rep: dict) -> str:
     lines = [f"T = {rep['temperature']}, {rep['max_tokens']} tokens per prompt", head, "-" * len(head)]
     for group, g in rep["groups"].items():
         for k, (name, r) in enumerate(g.items()):
-            same = f"{r['identical']}/{r['prompts']}" if name != "off" else "-"
+            same = f"{r['identical']}/{r['prompts']}" if "identical" in r else "-"
             lines.append(f"{group if k == 0 else '':<10}{name:<13}{r['tokens_per_second']:>9.1f}{r['vs_off']:>7.2f}"
                          f"{r['tokens_per_step']:>10.2f}{r['draft_n']:>9}{r['draft_n_accepted']:>10}"
                          f"{100 * r['acceptance']:>7.1f}" + (f"{same:>8}" if rep["temperature"] == 0 else ""))
