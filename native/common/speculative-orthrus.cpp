@@ -157,13 +157,37 @@ struct orthrus_auto_policy {
 // A distribution over the vocabulary with its mass on few tokens: (id, p) with p > 0.
 using orthrus_dist = std::vector<llama_token_data>;
 
+// Drafts are drawn from the chain applied to the highest logits of a diffusion row only.
+// Speculative sampling is exact for any draft distribution q that is known, so this costs
+// no exactness; it bounds the draft-side work (the chain on the whole vocabulary takes up
+// to 9 ms per row on a 151,936-token vocabulary with top-k off, on the top 64 0.12 ms).
+static constexpr int32_t ORTHRUS_DRAFT_CANDIDATES = 64;
+
 // The distribution the sampler chain draws from on a row of logits: every sampler of the
 // chain but the last (`dist`, which only draws) transforms the candidates, then softmax.
-static void orthrus_warp(llama_sampler * chain, const float * logits, int32_t n_vocab, orthrus_dist & out) {
+// Candidates: the whole vocabulary (n_top = 0), or the n_top highest logits.
+static void orthrus_warp(llama_sampler * chain, const float * logits, int32_t n_vocab, orthrus_dist & out,
+                         int32_t n_top = 0) {
     static thread_local std::vector<llama_token_data> cur;
-    cur.resize(n_vocab);
-    for (llama_token id = 0; id < n_vocab; ++id) {
-        cur[id] = llama_token_data{ id, logits[id], 0.0f };
+    if (n_top > 0 && n_top < n_vocab) {
+        // one pass with a min-heap of the n_top best so far
+        auto worse = [](const llama_token_data & a, const llama_token_data & b) { return a.logit > b.logit; };
+        cur.clear();
+        for (llama_token id = 0; id < n_vocab; ++id) {
+            if ((int32_t) cur.size() < n_top) {
+                cur.push_back(llama_token_data{ id, logits[id], 0.0f });
+                std::push_heap(cur.begin(), cur.end(), worse);
+            } else if (logits[id] > cur.front().logit) {
+                std::pop_heap(cur.begin(), cur.end(), worse);
+                cur.back() = llama_token_data{ id, logits[id], 0.0f };
+                std::push_heap(cur.begin(), cur.end(), worse);
+            }
+        }
+    } else {
+        cur.resize(n_vocab);
+        for (llama_token id = 0; id < n_vocab; ++id) {
+            cur[id] = llama_token_data{ id, logits[id], 0.0f };
+        }
     }
     llama_token_data_array arr = { cur.data(), cur.size(), -1, false };
     const int32_t n = llama_sampler_chain_n(chain);
@@ -351,7 +375,7 @@ static void orthrus_sample_drafts(common_orthrus_drafter * d, orthrus_seq & S, i
     S.q.resize(n);
     S.drafts.clear();
     for (int32_t i = 0; i < n; ++i) {
-        orthrus_warp(chain, llama_get_logits_ith(d->ctx, i), n_vocab, S.q[i]);
+        orthrus_warp(chain, llama_get_logits_ith(d->ctx, i), n_vocab, S.q[i], ORTHRUS_DRAFT_CANDIDATES);
         if (S.q[i].empty()) {
             break;
         }

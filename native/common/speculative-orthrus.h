@@ -6,7 +6,8 @@
 // "orthrus" (a thin adapter); the server verifies the drafts as for any other type.
 //
 // Sampled requests (temperature > 0) use speculative sampling (ORTHRUS.md): drafts are
-// drawn from q, the slot's sampler chain applied to the diffusion rows, and the verify
+// drawn from q, the slot's sampler chain applied to the 64 highest logits of each
+// diffusion row (any known q keeps the output exact; this one is cheap), and the verify
 // keeps draft i with probability min(1, p_i(d_i) / q_i(d_i)), p_i being the same chain on
 // the AR row; at the first rejection it draws from normalize(max(0, p_i - q_i)). The
 // output has the AR distribution exactly and keeps more drafts than token matching.
