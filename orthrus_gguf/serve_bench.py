@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import tempfile
 from pathlib import Path
 
 from .errors import OrthrusError
-from .serve import Server, server_command, server_env
+from .serve import Server, free_port, server_command, server_env
 
 # name -> server_command keywords
 SETTINGS = {
@@ -24,12 +23,6 @@ SETTINGS = {
     "match": dict(rule="match"),
     "auto": dict(draft_max="auto"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _complete(port: int, body: dict) -> dict:
@@ -62,7 +55,7 @@ def run_server_bench(model: str | Path, prompts: dict[str, list[str]], max_token
         kw = dict(SETTINGS[name])
         if draft_max is not None and kw.get("drafting", True):
             kw.setdefault("draft_max", draft_max)
-        port = _free_port()
+        port = free_port()
         cmd, note = server_command(model, port=port, extra=tuple(extra), **kw)
         progress(f"{name}: {note}")
         log = Path(log_dir or tempfile.gettempdir()) / f"orthrus-bench-server-{name}.log"

@@ -22,7 +22,7 @@ import threading
 import numpy as np
 import pytest
 
-from orthrus_gguf.serve import Server, server_command
+from orthrus_gguf.serve import Server, free_port, server_command
 
 EXACT = ("-fa", "off", "-ctk", "f32", "-ctv", "f32", "-t", "2", "-c", "2048", "--no-warmup")
 N_PARALLEL = 2
@@ -33,12 +33,6 @@ PROMPTS = [
     "0123456789", "x = y + z *",
 ]
 CHAT = [[{"role": "user", "content": p}] for p in PROMPTS[:10]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(tmp_path_factory, model, drafting, extra=EXACT, n_parallel=N_PARALLEL, **kw) -> Server:

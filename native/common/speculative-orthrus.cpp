@@ -229,6 +229,13 @@ static llama_token orthrus_draw(const orthrus_dist & dist, std::mt19937 & rng) {
     return dist.back().id;
 }
 
+// Zero the entries of a dense row that the distribution set.
+static void orthrus_clear(std::vector<float> & dense, const orthrus_dist & dist) {
+    for (const auto & t : dist) {
+        dense[t.id] = 0.0f;
+    }
+}
+
 // A request's sampling state on one sequence.
 struct orthrus_seq {
     common_sampler * smpl = nullptr; // the slot's sampler (not owned)
@@ -250,7 +257,7 @@ struct common_orthrus_drafter {
     orthrus_auto_policy policy;
     std::vector<orthrus_seq> seqs;
     std::vector<llama_token> rows;     // argmax per block row
-    std::vector<float> scratch;        // dense q of one row (verify)
+    std::vector<float> scratch;        // dense q of one row (verify); all zero between uses
 };
 
 common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max, bool auto_len, bool match,
@@ -276,6 +283,7 @@ common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max,
     d->auto_len = auto_len;
     d->match = match;
     d->seqs.resize(n_seq);
+    d->scratch.assign(llama_vocab_n_tokens(llama_model_get_vocab(model)), 0.0f);
     return d;
 }
 
@@ -368,8 +376,8 @@ void common_orthrus_set_sampler(common_orthrus_drafter * d, llama_seq_id seq, co
 // Draw drafts from q, the slot's chain on each diffusion row; a clone of the sampler sees
 // the drafts so far, as the slot's sampler will see them when the verify accepts them.
 static void orthrus_sample_drafts(common_orthrus_drafter * d, orthrus_seq & S, int32_t n) {
-    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(d->ctx)));
     const llama_vocab * vocab = llama_model_get_vocab(llama_get_model(d->ctx));
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     common_sampler * clone = common_sampler_clone(S.smpl);
     llama_sampler * chain = common_sampler_get(clone);
     S.q.resize(n);
@@ -427,7 +435,7 @@ void common_orthrus_draft(common_orthrus_drafter * d, llama_seq_id seq, llama_to
         return;
     }
     // row i-1 predicts position pos0 + i: drafts d1..d(block-1) from rows 0..block-2
-    if (S.speculative && S.smpl != nullptr) {
+    if (S.speculative) {
         orthrus_sample_drafts(d, S, block - 1);
         result.insert(result.end(), S.drafts.begin(), S.drafts.end());
         S.last_drafted = (int32_t) S.drafts.size();
@@ -457,7 +465,6 @@ std::vector<llama_token> common_orthrus_sample_and_accept_n(common_orthrus_draft
     const llama_vocab * vocab = llama_model_get_vocab(llama_get_model(ctx));
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     llama_sampler * chain = common_sampler_get(smpl);
-    d->scratch.assign(n_vocab, 0.0f);
     std::vector<llama_token> result;
     orthrus_dist p;
     llama_synchronize(ctx);
@@ -476,9 +483,7 @@ std::vector<llama_token> common_orthrus_sample_and_accept_n(common_orthrus_draft
         const double q_d = d->scratch[draft[i]];
         const double u = std::uniform_real_distribution<double>(0.0, 1.0)(S.rng);
         if (u * q_d < p_d) { // keep draft i with probability min(1, p/q)
-            for (const auto & t : q) {
-                d->scratch[t.id] = 0.0f;
-            }
+            orthrus_clear(d->scratch, q);
             result.push_back(draft[i]);
             common_sampler_accept(smpl, draft[i], true);
             if (llama_vocab_is_eog(vocab, draft[i])) {
@@ -494,6 +499,7 @@ std::vector<llama_token> common_orthrus_sample_and_accept_n(common_orthrus_draft
                 res.push_back(llama_token_data{ t.id, t.logit, r });
             }
         }
+        orthrus_clear(d->scratch, q);
         double mass = 0.0;
         for (const auto & t : res) {
             mass += t.p;
