@@ -22,11 +22,10 @@ from .convert.info import check_gguf_file
 from .decode import Stats, decode
 from .errors import OrthrusError
 from .native import NativeModel
-from .policy import AutoPolicy, FixedPolicy
+from .policy import CALIBRATION_PASSES, ARPolicy, AutoPolicy, FixedPolicy, calibration_cost, warm_widths
 from .sampling import Sampler
 
 MODES = ("orthrus", "ar")
-CALIBRATION_WIDTHS = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass
@@ -122,20 +121,20 @@ class Orthrus:
                                f"got {block}")
         return block
 
-    def calibrate(self, reps: int = 3) -> tuple[dict[int, float], dict[int, float]]:
-        """Median seconds of a diffusion pass and of a verify forward, by width, on this machine."""
+    def calibrate(self) -> tuple[dict[int, float], dict[int, float]]:
+        """Seconds of a diffusion pass and of a verify forward at each warm width on this
+        machine, by the policy's statistic (policy.calibration_cost, shared with the server)."""
         if self._costs is None:
             nm = self.nm
-            widths = [w for w in CALIBRATION_WIDTHS if w <= nm.block_size] + [nm.block_size]
             ctx_tokens = np.arange(64, dtype=np.int32) % max(2, nm.mask_token)
             nm.clear()
             nm.prefill(ctx_tokens)
             p = len(ctx_tokens)
-            draft, verify = {}, {}
-            for w in sorted(set(widths)):
+            draft, verify = {1: 0.0}, {}
+            for w in warm_widths(nm.block_size):
                 toks = np.full(w, 1, dtype=np.int32)
                 ts_d, ts_v = [], []
-                for _ in range(reps + 1):  # the first is a warm-up
+                for _ in range(CALIBRATION_PASSES):
                     t0 = time.perf_counter()
                     if w >= 2:
                         nm.draft(1, p, w)
@@ -145,15 +144,16 @@ class Orthrus:
                     nm.seq_rm(p)
                     ts_d.append(t1 - t0)
                     ts_v.append(t2 - t1)
-                draft[w], verify[w] = float(np.median(ts_d[1:])), float(np.median(ts_v[1:]))
-            draft[1] = 0.0
+                if w >= 2:
+                    draft[w] = calibration_cost(ts_d)
+                verify[w] = calibration_cost(ts_v)
             nm.clear()
             self._costs, self._auto = (draft, verify), None
         return self._costs
 
     def _policy(self, mode: str, block):
         if mode == "ar":
-            return None
+            return ARPolicy()
         if not self.nm.is_orthrus:
             raise OrthrusError(f"{self.nm.path}: architecture {self.arch!r} has no diffusion view; "
                                f"Orthrus mode needs an orthrus-qwen3 GGUF (mode='ar' works)")
@@ -220,8 +220,8 @@ class Orthrus:
             pieces.append(piece)
             tokens.extend(new)
         return Result("".join(pieces), tokens, self.finish_reason, stats.summary() | {
-            "steps_detail": [{"block": b, "drafted": d, "accepted": a}
-                             for b, d, a in zip(stats.blocks, stats.drafted, stats.accepted)]})
+            "steps_detail": [{"block": b, "drafted": d, "accepted": a, "reused": r}
+                             for b, d, a, r in zip(stats.blocks, stats.drafted, stats.accepted, stats.reused)]})
 
     def stream(self, prompt, **kw) -> Iterator[str]:
         for piece, _, _ in self._run(prompt, **kw):

@@ -1,12 +1,12 @@
 """The Orthrus decoding loop over the patched llama.cpp (ORTHRUS.md, "Greedy Orthrus decoding").
 
     prefill(prompt); t = pick(last row)
-    loop: b = policy(limit)                     # b = 1: a plain AR step, no draft
+    loop: b = policy.choose(limit)              # b = 1: a plain AR step, no draft
           draft [t, M, …, M] at p (diffusion)   # cache unchanged
           d = pick(draft rows 0..b-2)
           verify [t, d…] at p (AR)              # writes the cache
           n, next = accept(d, verify rows)
-          crop the cache to < p+n+1; emit d[:n] + [next]
+          crop the cache to < p+n+1; emit d[:n] + [next]; policy.update(drafted, n)
 
 Greedy picks are argmaxes in C; sampling warps rows in numpy and accepts with
 speculative sampling. Nothing here loops over the vocabulary in Python.
@@ -39,6 +39,7 @@ class Stats:
     blocks: list[int] = field(default_factory=list)
     drafted: list[list[int]] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    reused: list[int] = field(default_factory=list)  # forwards of each step that reused a kept graph
 
     @property
     def decode_time(self) -> float:
@@ -60,6 +61,7 @@ class Stats:
             # the first token comes from the prefill; decode speed counts the rest
             "tokens_per_second": (self.tokens - 1) / self.decode_time if self.decode_time > 0 else 0.0,
             "step_over_forwards": self.decode_time / max(1e-12, self.t_draft + self.t_verify),
+            "graphs_reused_per_step": sum(self.reused) / self.steps if self.steps else 0.0,
         }
 
 
@@ -70,7 +72,8 @@ def _first_mismatch(d: np.ndarray, a: np.ndarray) -> int:
 
 def decode(nm: NativeModel, prompt: list[int], max_tokens: int, sampler: Sampler, policy,
            is_eog: Callable[[int], bool], stats: Stats) -> Iterator[list[int]]:
-    """Yield the tokens of each step; policy None means plain AR (one token per forward)."""
+    """Yield the tokens of each step; `policy` (policy.py) picks each step's block, ARPolicy
+    giving plain AR decoding (one token per forward)."""
     clock = time.perf_counter
     start = clock()
     try:
@@ -89,7 +92,8 @@ def _loop(nm, prompt, max_tokens, sampler, policy, is_eog, stats, clock, start):
     p = len(prompt)
     while not is_eog(t) and stats.tokens < max_tokens:
         t0 = clock()
-        b = 1 if policy is None else policy.choose(max_tokens - stats.tokens)
+        reused0 = nm.n_reused
+        b = policy.choose(max_tokens - stats.tokens)
         d, q = np.empty(0, dtype=np.int32), None
         t1 = t0
         if b >= 2:
@@ -119,14 +123,14 @@ def _loop(nm, prompt, max_tokens, sampler, policy, is_eog, stats, clock, start):
                 new = new[: i + 1]
                 break
         new = new[: max_tokens - stats.tokens]
-        if policy is not None:
-            policy.update(int(d.size), n)
+        policy.update(int(d.size), n)
         stats.steps += 1
         stats.forwards += 2 if b >= 2 else 1
         stats.tokens += len(new)
         stats.blocks.append(b)
         stats.drafted.append(d.tolist())
         stats.accepted.append(n)
+        stats.reused.append(nm.n_reused - reused0)
         stats.t_python += (clock() - t0) - (t1 - t0) - (t3 - t2)  # t1 == t0 without a draft
         yield new
         p, t = p + n + 1, new[-1]

@@ -54,6 +54,18 @@ _SIGNATURES = {
     # ctx, n_rows, out
     "llama_orthrus_argmax": ([_p, _i32, ctypes.POINTER(_i32)], _i32),
     "llama_orthrus_log_set_min_level": ([_i32], None),
+    # ctx, max_slots / ctx, size_t* compute bytes
+    "llama_orthrus_set_graph_slots": ([_p, _i32], _i32),
+    "llama_orthrus_graph_slots": ([_p, ctypes.POINTER(ctypes.c_size_t)], _i32),
+    "llama_orthrus_set_exact": ([_p, _i32], _i32),
+    # the C++ auto policy (native/src/llama-orthrus-policy.cpp), bound for its tests
+    "llama_orthrus_warm_widths": ([_i32, ctypes.POINTER(_i32), _i32], _i32),
+    "llama_orthrus_calibration_passes": ([], _i32),
+    "llama_orthrus_calibration_cost": ([ctypes.POINTER(ctypes.c_double), _i32], ctypes.c_double),
+    "llama_orthrus_policy_init": ([_i32, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)], _p),
+    "llama_orthrus_policy_free": ([_p], None),
+    "llama_orthrus_policy_choose": ([_p, _i32], _i32),
+    "llama_orthrus_policy_update": ([_p, _i32, _i32], None),
 }
 
 _LOG_DEBUG, _LOG_ERROR = 1, 4  # enum ggml_log_level
@@ -88,6 +100,9 @@ def load(lib_dir: str | Path | None = None) -> SimpleNamespace:
                 f"{loaded}, not the patched build in {lib_dir}: load orthrus_gguf.native first, "
                 f"or set LLAMA_CPP_LIB_PATH={lib_dir} before starting Python")
     os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+    # no AMX weight buffers unless asked for (GGML_CPU_AMX=1): on some virtual machines the
+    # AMX kernels fault with SIGILL on the first batched q8_0 product (patch 0009)
+    os.environ.setdefault("GGML_CPU_AMX", "0")
     if sys.platform.startswith("linux"):
         # the C++ runtime into the global scope before llama_cpp dlopens libllama with
         # RTLD_LOCAL: without it, model loading segfaulted inside libstdc++ stream code under
@@ -166,20 +181,7 @@ class NativeModel:
         cp.type_k = cp.type_v = _KV_TYPES[kv_type]
         # None: llama.cpp decides (enabled where the backend supports it)
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
-        # batch_invariant: CPU kernels with which a forward of B tokens gives bit for bit the
-        # logits of B one-token forwards (ggml's reference mode, GGML_CPU_USE_REF, patch 0005;
-        # docs/NUMERICS.md). ggml reads the variable when the context's CPU backend is created.
-        prev = os.environ.get("GGML_CPU_USE_REF")
-        if batch_invariant:
-            os.environ["GGML_CPU_USE_REF"] = "1"
-        try:
-            self._ctx = lc.llama_init_from_model(self._model, cp)
-        finally:
-            if batch_invariant:
-                if prev is None:
-                    del os.environ["GGML_CPU_USE_REF"]
-                else:
-                    os.environ["GGML_CPU_USE_REF"] = prev
+        self._ctx = lc.llama_init_from_model(self._model, cp)
         if not self._ctx:
             self.close()
             raise OrthrusError(f"llama.cpp could not create a context for {path} "
@@ -194,6 +196,11 @@ class NativeModel:
         self.arch = self._meta("general.architecture")
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._mem = lc.llama_get_memory(self._ctx)
+        # batch_invariant: verify forwards (decode_ar) on the CPU kernels with which a forward of
+        # B tokens gives bit for bit the logits of B one-token forwards (ggml's reference mode,
+        # patch 0005; docs/NUMERICS.md); prompts and drafts keep the fast kernels.
+        self.batch_invariant = bool(batch_invariant)
+        check(self.n.orthrus_set_exact(self._ctx, int(self.batch_invariant)), "set exact verify")
 
     # -------------------------------------------------------------- lifetime
 
@@ -329,6 +336,33 @@ class NativeModel:
         check(self.n.orthrus_argmax(self.ctx, n_rows, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))),
               f"argmax of {n_rows} rows")
         return out
+
+    # -------------------------------------------------------------- graphs
+
+    @property
+    def n_reused(self) -> int:
+        """Forwards so far that reused a kept graph (llama.cpp's own counter)."""
+        return int(self.n.llama_cpp.llama_perf_context(self.ctx).n_reused)
+
+    def graph_slots(self) -> tuple[int, int]:
+        """(kinds of batch with a kept graph, bytes of their compute buffers)."""
+        nbytes = ctypes.c_size_t(0)
+        n = self.n.orthrus_graph_slots(self.ctx, ctypes.byref(nbytes))
+        return int(n), int(nbytes.value)
+
+    @property
+    def exact(self) -> bool:
+        """Whether verify forwards run on the batch-invariant CPU kernels (see __init__)."""
+        return self.batch_invariant
+
+    @exact.setter
+    def exact(self, value: bool) -> None:
+        check(self.n.orthrus_set_exact(self.ctx, int(bool(value))), "set exact verify")
+        self.batch_invariant = bool(value)
+
+    def set_graph_slots(self, max_slots: int) -> None:
+        """Keep graphs for at most max_slots kinds of batch (0: upstream's single graph)."""
+        check(self.n.orthrus_set_graph_slots(self.ctx, int(max_slots)), f"set graph slots {max_slots}")
 
     # -------------------------------------------------------------- view
 

@@ -1,17 +1,67 @@
-"""How long a draft to ask for: fixed, or chosen per step from measured costs and acceptance.
+"""How long a draft to ask for: none (AR), fixed, or chosen per step from costs and acceptance.
 
 A step with block b costs draft(b) + verify(b) and emits E(b) = 1 + sum_{i<b} prod_{j<=i} a_j
 tokens, where a_j is the running probability that draft j is accepted given that drafts
-1..j-1 were. A plain AR step costs verify(1) and emits 1 token. `auto` takes the b with
-the best tokens per second, b = 1 (no draft) included; while it runs AR steps it still
-probes a short draft now and then (at doubling intervals) so acceptance stays measured.
+1..j-1 were. A plain AR step costs verify(1) and emits 1 token. `auto` takes the b with the
+best tokens per second among the warm widths (1, then 2, 4, 8, ... below the GGUF's block
+size, and the block size): the patched llama.cpp keeps a graph per attention view and
+width, so a small fixed set of widths keeps every forward on a kept graph.
+
+While AR wins, auto still probes a short draft now and then (after 16, then 32, ... up to
+512 AR steps) so that acceptance stays measured; where no width could pay even if every
+draft were accepted (draft(b) + verify(b) >= b * verify(1) for every b, as on a 2-core
+CPU), it never probes: it is plain AR.
+
+The server's drafter has a C++ copy of this policy (native/src/llama-orthrus-policy.cpp);
+both are checked against tests/data/policy_vectors.json.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .errors import OrthrusError
+
+# calibration: CALIBRATION_PASSES timed passes per width, the first a warm-up; the cost is
+# the fastest of the others (the least disturbed by the rest of the machine)
+CALIBRATION_PASSES = 4
+
+
+def warm_widths(max_block: int) -> tuple[int, ...]:
+    """The widths auto chooses among: 1, the powers of two below max_block, max_block."""
+    if max_block < 1:
+        raise OrthrusError(f"the block size must be >= 1, got {max_block}")
+    ws, w = [1], 2
+    while w < max_block:
+        ws.append(w)
+        w *= 2
+    if max_block > 1:
+        ws.append(max_block)
+    return tuple(ws)
+
+
+def calibration_cost(samples) -> float:
+    """Seconds of a forward from CALIBRATION_PASSES timings: the fastest after the warm-up."""
+    samples = list(samples)
+    if len(samples) < 2:
+        raise OrthrusError(f"calibration needs a warm-up and at least one timed pass, got {len(samples)}")
+    return float(min(samples[1:]))
+
+
+class ARPolicy:
+    """Plain AR decoding: one token per forward, never a draft."""
+    name = "ar"
+
+    def choose(self, limit: int) -> int:
+        return 1
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
 
 class FixedPolicy:
+    """The same block every step (fewer near the token limit)."""
+    name = "fixed"
+
     def __init__(self, block: int):
         self.block = block
 
@@ -23,50 +73,63 @@ class FixedPolicy:
 
 
 class AutoPolicy:
+    """The block with the best expected tokens per second, among the warm widths."""
+    name = "auto"
     PROBE_MIN, PROBE_MAX = 16, 512
+    PROBE_WIDTH = 4
     DECAY = 0.98
 
     def __init__(self, max_block: int, cost_draft: dict[int, float], cost_verify: dict[int, float],
                  prior: tuple[float, float] = (1.0, 1.0)):
         self.max_block = max_block
-        widths = np.arange(max_block + 1)
-        self.cd = self._interp(cost_draft, widths)
-        self.cv = self._interp(cost_verify, widths)
-        # Beta counts of "draft j accepted | drafts < j accepted", j = 1..max_block-1
-        self.hit = np.full(max_block, prior[0])
-        self.miss = np.full(max_block, prior[1])
+        self.widths = np.array(warm_widths(max_block))
+        missing = [int(w) for w in self.widths if w not in cost_verify or (w > 1 and w not in cost_draft)]
+        if missing:
+            raise OrthrusError(f"auto policy: no measured cost for widths {missing}")
+        self.cost = np.array([cost_verify[int(w)] + (cost_draft[int(w)] if w > 1 else 0.0) for w in self.widths])
+        # can any width pay if every draft were accepted?
+        self.pays = bool(np.any(self.cost[1:] < self.widths[1:] * self.cost[0]))
+        # Beta counts of "draft j accepted | drafts < j accepted", index j = 1..max_block-1
+        self.hit = np.full(max_block, float(prior[0]))
+        self.miss = np.full(max_block, float(prior[1]))
         self.since_probe, self.probe_every = 0, self.PROBE_MIN
-        self._best: int | None = None
+        self._rates: np.ndarray | None = None  # tokens per second by warm width; None: stale
 
-    @staticmethod
-    def _interp(costs: dict[int, float], widths: np.ndarray) -> np.ndarray:
-        xs = np.array(sorted(costs), dtype=float)
-        return np.interp(widths, xs, [costs[int(x)] for x in xs])
+    def rates(self) -> np.ndarray:
+        """Expected tokens per second of each warm width (self.widths)."""
+        if self._rates is None:
+            a = self.hit[1:] / (self.hit[1:] + self.miss[1:])
+            expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(a))])  # E(b), b = 1..max_block
+            self._rates = expected[self.widths - 1] / self.cost
+        return self._rates
 
-    def rates(self, limit: int) -> np.ndarray:
-        """Expected tokens per second for b = 1..limit (index b-1)."""
-        a = self.hit[1:] / (self.hit[1:] + self.miss[1:])
-        expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(a))])  # E(b), b = 1..max_block
-        b = np.arange(1, self.max_block + 1)
-        cost = self.cv[b] + np.where(b > 1, self.cd[b], 0.0)
-        return (expected / cost)[:limit]
+    def best(self, limit: int) -> int:
+        """The warm width <= limit with the best expected rate (ties: the narrower)."""
+        n = int(np.searchsorted(self.widths, limit, side="right"))
+        return int(self.widths[int(np.argmax(self.rates()[:max(n, 1)]))])
 
     def choose(self, limit: int) -> int:
-        limit = min(limit, self.max_block)
-        if self._best is None or self._best > limit:  # rates change only in update()
-            self._best = int(np.argmax(self.rates(limit))) + 1
-        b = self._best
-        if b == 1 and limit >= 2:
-            self.since_probe += 1
-            if self.since_probe >= self.probe_every:  # refresh the acceptance estimate cheaply
-                self.since_probe, self.probe_every = 0, min(2 * self.probe_every, self.PROBE_MAX)
-                return min(4, limit)
+        if not self.pays or limit < 2:
+            return 1
+        b = self.best(limit)
+        if b == 1 and self.since_probe >= self.probe_every:  # refresh the acceptance estimate cheaply
+            return self.best_probe(limit)
         return b
+
+    def best_probe(self, limit: int) -> int:
+        """The probe's width: the widest warm width <= min(limit, PROBE_WIDTH)."""
+        return int(max(w for w in self.widths if w <= max(2, min(limit, self.PROBE_WIDTH))))
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted == 0:  # a plain AR step says nothing about acceptance
+            self.since_probe += 1
             return
-        self._best = None
+        # a draft after probe_every AR steps was a probe: the next one waits twice as long;
+        # any other draft means drafting pays, and probing starts afresh when it stops paying
+        probe = self.since_probe >= self.probe_every
+        self.probe_every = min(2 * self.probe_every, self.PROBE_MAX) if probe else self.PROBE_MIN
+        self.since_probe = 0
+        self._rates = None
         self.hit *= self.DECAY  # old evidence fades: acceptance changes with the text
         self.miss *= self.DECAY
         self.hit[1:accepted + 1] += 1

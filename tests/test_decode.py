@@ -26,6 +26,7 @@ def f32_model(tiny_gguf):
 @pytest.mark.parametrize("outtype,kw", [("f32", dict(tied=False)), ("q8_0", Q4_MODEL), ("q4_k_m", Q4_MODEL)])
 def test_greedy_orthrus_is_token_identical_to_ar(tiny_gguf, outtype, kw):
     with Orthrus(tiny_gguf(outtype, **kw), n_ctx=512, n_threads=2) as m:
+        assert m.exact  # the CPU default: exact verify forwards, prompts on the fast kernels
         for prompt in PROMPTS:
             ar = m.generate(prompt, max_tokens=48, mode="ar")
             o = m.generate(prompt, max_tokens=48)

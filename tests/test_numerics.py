@@ -14,10 +14,11 @@ x86-64 CPU (AVX2/AVX-512) the paths that differ for B > 1 are
 A last-bit difference is then amplified where activations are rounded: to f16 (f16 weights,
 the f16 flash-attention Q) or quantized (Q8_0 / Q8_K activations of quantized weights).
 
-NativeModel(batch_invariant=True), i.e. GGML_CPU_USE_REF=1 (patch
-0005-ggml-cpu-use-ref-batch-invariant) starts the context's CPU backend in ggml's reference
-mode, extended by that patch to skip llamafile sgemm and to run the repacked kernels row by
-row: every weight type is then bit-identical, flash attention on or off. Without that patch only q8_0 and q4_k_m are, and only with flash attention on, fewer
+NativeModel(batch_invariant=True) runs every verify forward (decode_ar) in ggml's reference
+mode (ggml_backend_cpu_set_use_ref, through llama_orthrus_set_exact of patch 0008), which patch
+0005-ggml-cpu-use-ref-batch-invariant extends to skip llamafile sgemm and to run the repacked
+kernels row by row: every weight type is then bit-identical, flash attention on or off.
+Prompts (prefill) keep the fast kernels (tests/test_graphs.py). Without that patch only q8_0 and q4_k_m are, and only with flash attention on, fewer
 than 512 KV cells, repack=False and GGML_CPU_TILED_MM=0.
 
 Each case runs in a subprocess: GGML_CPU_TILED_MM is read once per process.
@@ -102,11 +103,10 @@ def max_diff(res):
 
 @pytest.mark.parametrize("weights", WEIGHTS)
 def test_use_ref_is_batch_invariant(tiny_gguf, use_ref_patch, weights):
-    """The recommended CPU setting: GGML_CPU_USE_REF=1, bit-identical for every weight type,
+    """The recommended CPU setting (exact verify forwards), bit-identical for every weight type,
     flash attention on (f16 KV, incl. >= 512 cells on 2 threads) and off (f32 KV), repack on
     and off."""
-    if not use_ref_patch:
-        pytest.skip("the build lacks patch 0005-ggml-cpu-use-ref-batch-invariant")
+    assert use_ref_patch, "the build lacks patch 0005-ggml-cpu-use-ref-batch-invariant"
     runs = [(dict(flash_attn=True, kv_type="f16", batch_invariant=True), SHAPES),
             (dict(flash_attn=True, kv_type="f16", batch_invariant=True, n_threads=2), LONG),
             (dict(flash_attn=False, kv_type="f32", batch_invariant=True), SHAPES),

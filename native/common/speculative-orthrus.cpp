@@ -92,65 +92,8 @@ bool common_orthrus_prepare(common_params & params) {
 
 // ---------------------------------------------------------------- the auto policy
 
-// A step with block b costs draft(b) + verify(b) and emits E(b) = 1 + sum_{i<b} prod_{j<=i} a_j
-// tokens (a_j: running probability that draft j is accepted given drafts 1..j-1 were); a
-// plain step costs verify(1) for 1 token. Take the b with the best tokens per second, b = 1
-// (no draft) included, and probe a short draft now and then while not drafting.
-struct orthrus_auto_policy {
-    static constexpr int    PROBE_MIN = 16;
-    static constexpr int    PROBE_MAX = 512;
-    static constexpr double DECAY     = 0.98;
-
-    int32_t max_block = 0;
-    std::vector<double> cd, cv;      // seconds by width 0..max_block
-    std::vector<double> hit, miss;   // Beta counts by draft index 1..max_block-1
-    int since_probe = 0, probe_every = PROBE_MIN;
-
-    void init(int32_t mb, const std::vector<double> & draft, const std::vector<double> & verify) {
-        max_block = mb;
-        cd = draft;
-        cv = verify;
-        hit.assign(mb, 1.0);
-        miss.assign(mb, 1.0);
-    }
-
-    int32_t choose(int32_t limit) {
-        limit = std::min(limit, max_block);
-        int32_t best = 1;
-        double best_rate = 1.0 / cv[1];
-        double expected = 1.0, run = 1.0;
-        for (int32_t b = 2; b <= limit; ++b) {
-            run *= hit[b - 1] / (hit[b - 1] + miss[b - 1]);
-            expected += run;
-            const double rate = expected / (cv[b] + cd[b]);
-            if (rate > best_rate) {
-                best_rate = rate;
-                best = b;
-            }
-        }
-        if (best == 1 && limit >= 2) {
-            if (++since_probe >= probe_every) { // keep the acceptance estimate fresh, cheaply
-                since_probe = 0;
-                probe_every = std::min(2 * probe_every, PROBE_MAX);
-                return std::min(4, limit);
-            }
-        }
-        return best;
-    }
-
-    void update(int32_t drafted, int32_t accepted) {
-        for (int32_t j = 0; j < max_block; ++j) {
-            hit[j]  *= DECAY; // old evidence fades: acceptance changes with the text
-            miss[j] *= DECAY;
-        }
-        for (int32_t j = 1; j <= accepted && j < max_block; ++j) {
-            hit[j] += 1.0;
-        }
-        if (accepted < drafted && accepted + 1 < max_block) {
-            miss[accepted + 1] += 1.0;
-        }
-    }
-};
+// The policy itself lives in libllama (src/llama-orthrus-policy.cpp, llama_orthrus_policy_*),
+// shared with the Python runtime's tests; the drafter only measures the costs it needs.
 
 // ---------------------------------------------------------------- sampled drafts
 
@@ -253,8 +196,7 @@ struct common_orthrus_drafter {
     int32_t n_max = 0;     // most drafts per step; block = n_max + 1
     bool auto_len = false;
     bool match = false;    // sampled requests: greedy drafts and token matching
-    bool calibrated = false;
-    orthrus_auto_policy policy;
+    llama_orthrus_policy * policy = nullptr; // auto_len: made by the first draft's calibration
     std::vector<orthrus_seq> seqs;
     std::vector<llama_token> rows;     // argmax per block row
     std::vector<float> scratch;        // dense q of one row (verify); all zero between uses
@@ -288,6 +230,9 @@ common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max,
 }
 
 void common_orthrus_free(common_orthrus_drafter * d) {
+    if (d != nullptr) {
+        llama_orthrus_policy_free(d->policy);
+    }
     delete d;
 }
 
@@ -295,21 +240,20 @@ int32_t common_orthrus_n_max(const common_orthrus_drafter * d) {
     return d ? d->n_max : 0;
 }
 
-// The fastest of two timed passes per width after a warm-up, taken on the sequence being
-// drafted (each pass leaves its cache as it was).
+// The cost of each warm width, measured on the sequence being drafted (each pass leaves its
+// cache as it was) with the policy's statistic: llama_orthrus_calibration_passes() passes, the
+// first a warm-up, the fastest of the rest.
 static void orthrus_calibrate(common_orthrus_drafter * d, llama_seq_id seq, llama_token t, llama_pos p) {
     const int32_t mb = d->n_max + 1;
-    std::vector<int32_t> widths;
-    for (int32_t w = 1; w < mb; w *= 2) {
-        widths.push_back(w);
-    }
-    widths.push_back(mb);
-    std::vector<double> wd, td, tv;
+    std::vector<int32_t> widths(llama_orthrus_warm_widths(mb, nullptr, 0));
+    llama_orthrus_warm_widths(mb, widths.data(), (int32_t) widths.size());
+    const int32_t passes = llama_orthrus_calibration_passes();
+    std::vector<double> td, tv;
     std::vector<llama_token> toks(mb, t);
     llama_memory_t mem = llama_get_memory(d->ctx);
     for (int32_t w : widths) {
-        double best_d = 1e30, best_v = 1e30;
-        for (int rep = 0; rep < 3; ++rep) {
+        std::vector<double> sd, sv;
+        for (int rep = 0; rep < passes; ++rep) {
             const int64_t t0 = ggml_time_us();
             if (w >= 2 && llama_orthrus_draft(d->ctx, seq, t, p, w) != 0) {
                 return;
@@ -321,33 +265,16 @@ static void orthrus_calibrate(common_orthrus_drafter * d, llama_seq_id seq, llam
             if (rv != 0) {
                 return;
             }
-            if (rep > 0) {
-                best_d = std::min(best_d, (t1 - t0) * 1e-6);
-                best_v = std::min(best_v, (t2 - t1) * 1e-6);
-            }
+            sd.push_back((t1 - t0) * 1e-6);
+            sv.push_back((t2 - t1) * 1e-6);
         }
-        wd.push_back(w);
-        td.push_back(w >= 2 ? best_d : 0.0);
-        tv.push_back(best_v);
+        td.push_back(w >= 2 ? llama_orthrus_calibration_cost(sd.data(), passes) : 0.0);
+        tv.push_back(llama_orthrus_calibration_cost(sv.data(), passes));
     }
-    // piecewise-linear in the width between the measured ones
-    std::vector<double> cd(mb + 1, 0.0), cv(mb + 1, 0.0);
-    for (int32_t w = 1; w <= mb; ++w) {
-        size_t k = 0;
-        while (k + 1 < wd.size() && wd[k + 1] < w) {
-            ++k;
-        }
-        const size_t k1 = std::min(k + 1, wd.size() - 1);
-        const double f = k1 == k ? 0.0 : (w - wd[k]) / (wd[k1] - wd[k]);
-        cd[w] = td[k] + f * (td[k1] - td[k]);
-        cv[w] = tv[k] + f * (tv[k1] - tv[k]);
-    }
-    cd[1] = 0.0;
-    d->policy.init(mb, cd, cv);
-    d->calibrated = true;
+    d->policy = llama_orthrus_policy_init(mb, td.data(), tv.data());
     std::string s;
-    for (size_t i = 0; i < wd.size(); ++i) {
-        s += string_format(" %d:%.2f/%.2f", (int) wd[i], td[i] * 1e3, tv[i] * 1e3);
+    for (size_t i = 0; i < widths.size(); ++i) {
+        s += string_format(" %d:%.2f/%.2f", (int) widths[i], td[i] * 1e3, tv[i] * 1e3);
     }
     ORT_INF("auto: measured width:draft/verify ms%s\n", s.c_str());
 }
@@ -415,15 +342,18 @@ void common_orthrus_draft(common_orthrus_drafter * d, llama_seq_id seq, llama_to
     }
     int32_t block = n + 1;
     if (d->auto_len) {
-        if (!d->calibrated) {
+        if (d->policy == nullptr) {
             orthrus_calibrate(d, seq, id_last, pos0);
-            if (!d->calibrated) {
+            if (d->policy == nullptr) {
                 ORT_WRN("%s", "auto: calibration failed, drafting the full length\n");
                 d->auto_len = false;
             }
         }
         if (d->auto_len) {
-            block = d->policy.choose(block);
+            block = llama_orthrus_policy_choose(d->policy, block);
+            if (block < 2) {
+                llama_orthrus_policy_update(d->policy, 0, 0); // a plain step: counts towards the next probe
+            }
         }
     }
     if (block < 2) {
@@ -522,8 +452,8 @@ void common_orthrus_accept(common_orthrus_drafter * d, llama_seq_id seq, int32_t
     }
     auto & S = d->seqs[seq];
     const int32_t drafted = S.last_drafted;
-    if (d->auto_len && d->calibrated && drafted > 0) {
-        d->policy.update(drafted, std::min(n_accepted, drafted));
+    if (d->auto_len && d->policy != nullptr && drafted > 0) {
+        llama_orthrus_policy_update(d->policy, drafted, std::min(n_accepted, drafted));
     }
     S.last_drafted = 0;
 }

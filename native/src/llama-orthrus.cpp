@@ -27,6 +27,32 @@ int32_t llama_context::get_orthrus_n_outputs() const {
     return (int32_t) n_outputs;
 }
 
+void llama_context::set_orthrus_exact(bool value) {
+    orthrus_exact = value;
+}
+
+bool llama_context::get_orthrus_exact() const {
+    return orthrus_exact;
+}
+
+// The CPU backend's reference mode (ggml_backend_cpu_set_use_ref, read at each compute, so
+// it can change between forwards without a new graph). Looked up through the backend
+// registry, as llama-context.cpp does for the thread count.
+void llama_context::orthrus_cpu_use_ref(bool value) {
+    if (backend_cpu == nullptr) {
+        return;
+    }
+    using set_use_ref_t = void (*)(ggml_backend_t, bool);
+    static set_use_ref_t fn = nullptr;
+    if (fn == nullptr) {
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(ggml_backend_get_device(backend_cpu));
+        fn = (set_use_ref_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_use_ref");
+    }
+    if (fn != nullptr) {
+        fn(backend_cpu, value);
+    }
+}
+
 static const llama_model_orthrus_qwen3 * orthrus_model_of(const llama_model * model) {
     if (model == nullptr || model->arch != LLM_ARCH_ORTHRUS_QWEN3) {
         return nullptr;
@@ -195,7 +221,15 @@ int32_t llama_orthrus_verify(llama_context * ctx, llama_seq_id seq, const llama_
     ctx->set_orthrus_view(0);
     ctx->set_causal_attn(true);
 
+    // exact: the verify on batch-invariant kernels, so that its rows equal one-token forwards
+    const bool exact = ctx->get_orthrus_exact();
+    if (exact) {
+        ctx->orthrus_cpu_use_ref(true);
+    }
     status = orthrus_decode_all(ctx, seq, tokens, n, p);
+    if (exact) {
+        ctx->orthrus_cpu_use_ref(false);
+    }
     if (status != LLAMA_ORTHRUS_OK) {
         // leave the cache holding exactly the positions < p
         llama_memory_seq_rm(llama_get_memory(ctx), seq, p, -1);
@@ -257,6 +291,14 @@ static void orthrus_log_to_stderr(enum ggml_log_level level, const char * text, 
         fputs(text, stderr);
         fflush(stderr);
     }
+}
+
+extern "C" int32_t llama_orthrus_set_exact(llama_context * ctx, int32_t exact) {
+    if (ctx == nullptr) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    ctx->set_orthrus_exact(exact != 0);
+    return LLAMA_ORTHRUS_OK;
 }
 
 extern "C" void llama_orthrus_log_set_min_level(int32_t min_level) {

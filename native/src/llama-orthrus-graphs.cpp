@@ -1,0 +1,142 @@
+// orthrus-gguf: compute graphs kept per kind of batch (see llama-orthrus-graphs.h).
+
+#include "llama-orthrus-graphs.h"
+
+#include "llama.h"
+#include "llama-arch.h"
+#include "llama-context.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <utility>
+
+void llama_orthrus_graphs::swap(llama_context & ctx, llama_orthrus_graph_slot & s) {
+    std::swap(ctx.sched,              s.sched);
+    std::swap(ctx.gf_res_prev,        s.res);
+    std::swap(ctx.gf_res_prev_active, s.active);
+}
+
+void llama_orthrus_graphs::clear(llama_context & ctx, int32_t keep) {
+    if ((int32_t) slots.size() <= keep) {
+        return;
+    }
+    // the backends are shared with the context's scheduler: one synchronize covers every slot
+    if (ctx.sched) {
+        ggml_backend_sched_synchronize(ctx.sched.get());
+    }
+    // keep the most recently used
+    std::sort(slots.begin(), slots.end(), [](const auto & a, const auto & b) { return a->last_use > b->last_use; });
+    slots.resize(std::max(0, keep));
+    last = nullptr;
+}
+
+size_t llama_orthrus_graphs::compute_bytes() const {
+    size_t total = 0;
+    for (const auto & s : slots) {
+        ggml_backend_sched_t sched = s->sched.get();
+        for (int i = 0; sched != nullptr && i < ggml_backend_sched_get_n_backends(sched); ++i) {
+            total += ggml_backend_sched_get_buffer_size(sched, ggml_backend_sched_get_backend(sched, i));
+        }
+    }
+    return total;
+}
+
+llama_orthrus_graph_scope::llama_orthrus_graph_scope(llama_context & c, uint32_t n_tokens) : ctx(c) {
+    if (ctx.model.arch != LLM_ARCH_ORTHRUS_QWEN3) {
+        return; // other architectures: upstream's behaviour, untouched
+    }
+    auto & G = ctx.orthrus_graphs;
+    if (!G) {
+        G = std::make_shared<llama_orthrus_graphs>();
+    }
+    const auto & cp = ctx.cparams;
+    if (G->max_slots <= 0 || cp.pipeline_parallel || !ctx.sched || n_tokens == 0 ||
+        n_tokens > llama_orthrus_graphs::MAX_TOKENS || n_tokens > cp.n_ubatch) {
+        G->last = nullptr; // the context's own state runs this batch
+        return;
+    }
+    for (auto & s : G->slots) {
+        if (s->view == cp.orthrus_view && s->causal == cp.causal_attn && s->n_tokens == n_tokens) {
+            slot = s.get();
+            break;
+        }
+    }
+    if (slot == nullptr) {
+        G->clear(ctx, G->max_slots - 1); // room for one more
+        auto s = std::make_unique<llama_orthrus_graph_slot>();
+        s->view     = cp.orthrus_view;
+        s->causal   = cp.causal_attn;
+        s->n_tokens = n_tokens;
+        // like the context's own scheduler (llama_context::sched_reserve); its compute buffers
+        // grow to the first graph it allocates
+        s->sched.reset(ggml_backend_sched_new(ctx.backend_ptrs.data(), ctx.backend_buft.data(),
+                                              ctx.backend_ptrs.size(), ctx.gf_res_reserve->get_max_nodes(),
+                                              false, cp.op_offload));
+        if (!s->sched) {
+            G->last = nullptr;
+            return;
+        }
+        slot = s.get();
+        G->slots.push_back(std::move(s));
+    }
+    if (G->last != slot) {
+        // another scheduler ran the previous decode: let its work (and output copies) finish
+        ggml_backend_sched_synchronize(ctx.sched.get());
+    }
+    slot->last_use = ++G->tick;
+    G->last = slot;
+    llama_orthrus_graphs::swap(ctx, *slot);
+}
+
+llama_orthrus_graph_scope::~llama_orthrus_graph_scope() {
+    if (slot != nullptr) {
+        llama_orthrus_graphs::swap(ctx, *slot);
+    }
+}
+
+// ---------------------------------------------------------------- llama_context hooks
+
+void llama_context::orthrus_graphs_clear() {
+    if (orthrus_graphs) {
+        orthrus_graphs->clear(*this);
+    }
+}
+
+void llama_context::orthrus_graphs_set_max(int32_t max_slots) {
+    if (!orthrus_graphs) {
+        orthrus_graphs = std::make_shared<llama_orthrus_graphs>();
+    }
+    orthrus_graphs->clear(*this, max_slots);
+    orthrus_graphs->max_slots = max_slots;
+}
+
+int32_t llama_context::orthrus_graphs_info(size_t * compute_bytes) const {
+    if (compute_bytes != nullptr) {
+        *compute_bytes = orthrus_graphs ? orthrus_graphs->compute_bytes() : 0;
+    }
+    return orthrus_graphs ? (int32_t) orthrus_graphs->slots.size() : 0;
+}
+
+// ---------------------------------------------------------------- C API
+
+extern "C" {
+
+int32_t llama_orthrus_set_graph_slots(llama_context * ctx, int32_t max_slots) {
+    if (ctx == nullptr || max_slots < 0 || max_slots > LLAMA_ORTHRUS_MAX_GRAPH_SLOTS) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    ctx->orthrus_graphs_set_max(max_slots);
+    return LLAMA_ORTHRUS_OK;
+}
+
+int32_t llama_orthrus_graph_slots(const llama_context * ctx, size_t * compute_bytes) {
+    if (ctx == nullptr) {
+        if (compute_bytes != nullptr) {
+            *compute_bytes = 0;
+        }
+        return 0;
+    }
+    return ctx->orthrus_graphs_info(compute_bytes);
+}
+
+} // extern "C"

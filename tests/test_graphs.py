@@ -1,0 +1,97 @@
+"""Kept graphs (patch 0008, native/src/llama-orthrus-graphs.cpp) and exact verify forwards.
+
+llama.cpp counts every forward that reused its previous graph (llama_perf_context().n_reused);
+with a graph kept per (attention view, width), a steady Orthrus loop at a fixed block reuses
+both of its forwards every step, where upstream's single graph reused none.
+"""
+import numpy as np
+import pytest
+
+from orthrus_gguf.api import Orthrus
+from orthrus_gguf.native import NativeModel
+
+BLOCK = 8
+# a short prompt and 120 tokens stay inside one 256-cell KV view: no step grows it
+PROMPT = [5, 6, 7, 8, 9]
+
+
+def steady_steps(r):
+    """Per-step reuse counts of the steps at the full block, after the first one."""
+    steps = [s for s in r.stats["steps_detail"] if s["block"] == BLOCK]
+    return [s["reused"] for s in steps[1:]]
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_gguf):
+    return tiny_gguf("f32", tied=False)
+
+
+def test_steady_loop_reuses_both_graphs_every_step(model_path):
+    with Orthrus(model_path, n_ctx=512, n_threads=2, block_size=BLOCK) as m:
+        kept = m.generate(PROMPT, max_tokens=120)
+        m.nm.set_graph_slots(0)  # upstream's single graph: the alternating views rebuild it
+        single = m.generate(PROMPT, max_tokens=120)
+    reused = steady_steps(kept)
+    assert len(reused) >= 10
+    assert np.mean(reused) >= 1.9, reused
+    assert set(reused) == {2}, reused
+    assert kept.tokens == single.tokens  # same output either way
+    assert sum(steady_steps(single)) == 0  # without kept graphs nothing is reused: the count has power
+
+
+def test_kept_graphs_give_bit_identical_logits(model_path):
+    """A reused graph computes what a rebuilt one does: draft and verify rows bit for bit."""
+    def rows(slots):
+        with NativeModel(model_path, n_ctx=512, n_batch=64, n_threads=2) as nm:
+            nm.set_graph_slots(slots)
+            nm.prefill(np.arange(20, dtype=np.int32) + 3)
+            out = []
+            for w in (2, 8, 8, 4, 8, 2, 8):
+                nm.draft(7, 20, w)
+                out.append(nm.logits(w).copy())
+                nm.verify(np.arange(w, dtype=np.int32) + 11, 20)
+                out.append(nm.logits(w).copy())
+                nm.seq_rm(20)
+            return out, nm.n_reused, nm.graph_slots()
+    kept, reused_kept, (n_slots, nbytes) = rows(16)
+    single, reused_single, (n0, b0) = rows(0)
+    assert all(np.array_equal(a, b) for a, b in zip(kept, single))
+    # 3 widths x 2 views built once each, the other 8 of 14 forwards reused
+    assert reused_kept == 8 and reused_single == 0
+    # kinds: 3 widths x 2 views, plus the 20-token prompt
+    assert n_slots == 7 and nbytes > 0 and (n0, b0) == (0, 0)
+
+
+def test_least_recently_used_kinds_are_dropped(model_path):
+    with NativeModel(model_path, n_ctx=512, n_batch=128, n_threads=2) as nm:
+        nm.set_graph_slots(3)
+        nm.prefill(np.arange(100, dtype=np.int32) % 200 + 3)  # > 64 tokens: the context's own graph
+        assert nm.graph_slots()[0] == 0
+        for w in (2, 3, 4, 5):
+            nm.verify(np.full(w, 9, dtype=np.int32), 100)
+            nm.seq_rm(100)
+        assert nm.graph_slots()[0] == 3
+        nm.set_graph_slots(1)
+        assert nm.graph_slots()[0] == 1
+        r0 = nm.n_reused
+        nm.verify(np.full(5, 9, dtype=np.int32), 100)  # the one kept: width 5
+        assert nm.n_reused == r0 + 1
+
+
+def test_exact_mode_prefills_on_the_fast_kernels(model_path, monkeypatch):
+    """exact=True makes the verify forwards batch-invariant and leaves the prompt on the fast
+    kernels: its prompt logits equal a non-exact context's bit for bit, and differ from a
+    context whose every forward runs on the batch-invariant kernels (GGML_CPU_USE_REF=1, what
+    exact mode used to do; 100 tokens take the tiled flash attention on the fast path, 3e-4
+    apart here), which shows the comparison can fail."""
+    prompt = np.arange(100, dtype=np.int32) * 7 % 250 + 3
+
+    def prefill_logits(exact):
+        with NativeModel(model_path, n_ctx=256, n_batch=128, n_threads=1, batch_invariant=exact) as nm:
+            nm.prefill(prompt)
+            return nm.logits(1)[0].copy()
+    exact, fast = prefill_logits(True), prefill_logits(False)
+    monkeypatch.setenv("GGML_CPU_USE_REF", "1")  # read when the context's CPU backend starts
+    everything_ref = prefill_logits(False)
+    assert np.array_equal(exact, fast)
+    assert not np.array_equal(exact, everything_ref)
