@@ -167,6 +167,7 @@ def server_env() -> dict:
     to plain decoding (docs/NUMERICS.md); GGML_CPU_USE_REF=0 in the environment opts out."""
     env = dict(os.environ)
     env.setdefault("GGML_CPU_USE_REF", "1")
+    env.setdefault("GGML_CPU_AMX", "0")  # see native.load: AMX faults on some virtual machines
     return env
 
 
