@@ -1,7 +1,9 @@
-"""AR against Orthrus on the same GGUF, prompts and process: speed, acceptance, identity."""
+"""AR against Orthrus on the same GGUF, prompts and process: speed, acceptance, identity; and
+the cost of one Orthrus step's forwards (cost_table) and of a prompt (prefill_speed)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ def _agg(runs: list[dict]) -> dict:
             "tokens_per_step": sum(r["tokens"] - 1 for r in runs) / steps if steps else 0.0,
             "tokens_per_forward": tokens / max(1, sum(r["forwards"] for r in runs)),
             "step_over_forwards": t / fw if fw else 0.0,
+            "graphs_reused_per_step": sum(r["graphs_reused_per_step"] * r["steps"] for r in runs) / steps if steps else 0.0,
             "python_share": sum(r["time_python_s"] for r in runs) / t if t else 0.0}
 
 
@@ -65,8 +68,15 @@ def acceptance_by_position(runs: list[dict], block: int) -> list[float]:
 
 def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int = 128,
               block_sizes=(None, "auto"), n_ctx: int = 2048, n_threads: int | None = None,
-              n_gpu_layers: int = 0, chat: bool = False) -> dict:
+              n_gpu_layers: int = 0, chat: bool = False, costs: bool = False,
+              graph_slots: int | None = None, progress=None) -> dict:
+    """costs: also the forward cost table (cost_table) and the prefill speeds (prefill_speed).
+    graph_slots: kinds of batch with a kept graph (None: llama.cpp's default; 0: upstream's
+    single graph, to measure what the kept graphs save)."""
+    say = progress or (lambda msg: None)
     with Orthrus(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers) as m:
+        if graph_slots is not None:
+            m.nm.set_graph_slots(graph_slots)
         blocks = [m.nm.block_size if b is None else b for b in block_sizes]
         if "auto" in blocks:
             m.calibrate()
@@ -75,12 +85,18 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
             m.generate(first, max_tokens=8, mode="orthrus", block_size=b)
         m.generate(first, max_tokens=8, mode="ar")
         report = {"model": str(model), "max_tokens": max_tokens, "n_threads": m.nm.n_threads,
-                  "n_gpu_layers": n_gpu_layers, "groups": {}}
+                  "n_gpu_layers": n_gpu_layers, "exact": m.exact, "groups": {}}
+        if costs and m.nm.is_orthrus:
+            say("measuring forward costs by width …")
+            report["costs"] = cost_table(m.nm)
+            say("measuring prefill speed …")
+            report["prefill"] = prefill_speed(m.nm)
         if "auto" in blocks:
             d, v = m.calibrate()
             report["forward_cost_ms"] = {"draft": {k: x * 1e3 for k, x in d.items()},
                                          "verify": {k: x * 1e3 for k, x in v.items()}}
         for group, texts in prompts.items():
+            say(f"decoding {len(texts)} {group} prompts …")
             ar_runs, modes = [], {str(b): {"runs": [], "identical": 0, "first_diff_margins": []} for b in blocks}
             for text in texts:
                 prompt = m.apply_chat_template([{"role": "user", "content": text}]) if chat else text
@@ -110,17 +126,145 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
 
 def format_report(rep: dict) -> str:
     head = f"{'prompts':<10}{'mode':<16}{'tok/s':>9}{'× AR':>7}{'tok/step':>10}{'tok/fwd':>9}" \
-           f"{'step/fwds':>11}{'identical':>11}"
+           f"{'step/fwds':>11}{'reused/step':>13}{'identical':>11}"
     lines = [head, "-" * len(head)]
     for group, g in rep["groups"].items():
         a = g["ar"]
         lines.append(f"{group:<10}{'ar':<16}{a['tokens_per_second']:>9.1f}{1.0:>7.2f}{1.0:>10.2f}"
-                     f"{a['tokens_per_forward']:>9.2f}{a['step_over_forwards']:>11.3f}{'-':>11}")
+                     f"{a['tokens_per_forward']:>9.2f}{a['step_over_forwards']:>11.3f}"
+                     f"{a['graphs_reused_per_step']:>13.2f}{'-':>11}")
         for b, o in g["orthrus"].items():
             lines.append(f"{'':<10}{'orthrus B=' + b:<16}{o['tokens_per_second']:>9.1f}{o['speedup']:>7.2f}"
                          f"{o['tokens_per_step']:>10.2f}{o['tokens_per_forward']:>9.2f}"
-                         f"{o['step_over_forwards']:>11.3f}{o['identical']:>11}")
+                         f"{o['step_over_forwards']:>11.3f}{o['graphs_reused_per_step']:>13.2f}{o['identical']:>11}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ forward costs
+
+def cost_table(nm, widths=None, rounds: int = 5, n: int = 4, context: int = 64) -> dict:
+    """What one Orthrus step's forwards cost at each width w, after `context` cached tokens:
+    draft(w) and verify(w) run back to back (n of one kind, then n of the other), and the
+    draft + verify pair run alternating, as the decoding loop runs them. Each figure is the
+    fastest of `rounds` rounds (the least disturbed by the rest of the machine), in seconds and
+    in units of one one-token forward (verify(1)); `reused` is the share of the alternating
+    forwards that reused a kept graph."""
+    widths = list(widths or range(1, nm.block_size + 1))
+    clock = time.perf_counter
+    nm.clear()
+    nm.prefill(np.arange(context, dtype=np.int32) % max(2, nm.mask_token))
+    p = context
+    rows = []
+    for w in widths:
+        toks = np.full(w, 1, dtype=np.int32)
+
+        def verify():
+            nm.verify(toks, p)
+            nm.seq_rm(p)
+
+        def alternating():
+            if w >= 2:
+                nm.draft(1, p, w)
+            verify()
+
+        alternating(), alternating()  # warm-up: build (or find) both graphs
+        best = {"draft": float("inf"), "verify": float("inf"), "pair": float("inf")}
+        reused, forwards = 0, 0
+        for _ in range(rounds):
+            t0 = clock()
+            for _ in range(n):
+                if w >= 2:
+                    nm.draft(1, p, w)
+            t1 = clock()
+            for _ in range(n):
+                verify()
+            t2 = clock()
+            r0 = nm.n_reused
+            for _ in range(n):
+                alternating()
+            t3 = clock()
+            reused += nm.n_reused - r0
+            forwards += n * (2 if w >= 2 else 1)
+            best["draft"] = min(best["draft"], (t1 - t0) / n)
+            best["verify"] = min(best["verify"], (t2 - t1) / n)
+            best["pair"] = min(best["pair"], (t3 - t2) / n)
+        back_to_back = (best["draft"] if w >= 2 else 0.0) + best["verify"]
+        rows.append({"width": w, "draft_s": best["draft"] if w >= 2 else 0.0, "verify_s": best["verify"],
+                     "pair_alternating_s": best["pair"], "pair_back_to_back_s": back_to_back,
+                     "alternating_over_back_to_back": best["pair"] / back_to_back,
+                     "reused": reused / forwards})
+    nm.clear()
+    unit = next((r["verify_s"] for r in rows if r["width"] == 1), None)
+    if unit is None:
+        raise OrthrusError("the cost table needs width 1 (the unit)")
+    for r in rows:
+        for k in ("draft", "verify", "pair_alternating", "pair_back_to_back"):
+            r[k] = r[k + "_s"] / unit
+    slots, nbytes = nm.graph_slots()
+    return {"unit_s": unit, "context": context, "rounds": rounds, "n": n, "rows": rows,
+            "graph_slots": slots, "graph_compute_bytes": nbytes}
+
+
+def format_costs(tab: dict) -> str:
+    head = (f"{'width':>5}{'draft':>8}{'verify':>8}{'pair alt':>10}{'pair b2b':>10}{'alt/b2b':>9}"
+            f"{'reused':>8}")
+    lines = [f"forward costs after {tab['context']} cached tokens, unit = one one-token forward "
+             f"({tab['unit_s'] * 1e3:.3f} ms); {tab['graph_slots']} kept graphs, "
+             f"{tab['graph_compute_bytes'] / 2**20:.1f} MiB of compute buffers", head, "-" * len(head)]
+    for r in tab["rows"]:
+        lines.append(f"{r['width']:>5}{r['draft']:>8.2f}{r['verify']:>8.2f}{r['pair_alternating']:>10.2f}"
+                     f"{r['pair_back_to_back']:>10.2f}{r['alternating_over_back_to_back']:>9.3f}{r['reused']:>8.2f}")
+    return "\n".join(lines)
+
+
+def prefill_speed(nm, n_tokens: int = 500, rounds: int = 3) -> dict:
+    """Prompt tokens per second of a prefill with exact verify off and on (prefill takes the
+    fast kernels either way), and of the same tokens on the batch-invariant kernels (decoded
+    as verify forwards with exact on: what exact mode's prefill used to cost). Fastest of
+    `rounds`."""
+    n_tokens = min(n_tokens, nm.n_ctx - 1)
+    toks = np.arange(n_tokens, dtype=np.int32) % max(2, nm.mask_token)
+    exact0 = nm.exact
+    out = {"tokens": int(n_tokens)}
+    try:
+        for name, exact, as_verify in (("fast", False, False), ("exact", True, False), ("reference_kernels", True, True)):
+            nm.exact = exact
+            best = float("inf")
+            for _ in range(rounds):
+                nm.clear()
+                t0 = time.perf_counter()
+                if as_verify:
+                    for s in range(0, n_tokens, nm.n_batch):
+                        nm.verify(toks[s:s + nm.n_batch], s)
+                else:
+                    nm.prefill(toks)
+                best = min(best, time.perf_counter() - t0)
+            out[name + "_tokens_per_second"] = n_tokens / best
+    finally:
+        nm.exact = exact0
+        nm.clear()
+    out["exact_over_fast"] = out["exact_tokens_per_second"] / out["fast_tokens_per_second"]
+    return out
+
+
+def plot_costs(tab: dict, path: str | Path, title: str = "") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    w = [r["width"] for r in tab["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("draft", "draft(w)"), ("verify", "verify(w)"), ("pair_alternating", "draft + verify, alternating"),
+                       ("pair_back_to_back", "draft + verify, back to back")):
+        ax.plot(w, [r[key] for r in tab["rows"]], marker=".", label=label)
+    ax.plot(w, w, color="#aaa", linestyle=":", label="w one-token forwards")
+    ax.set(xlabel="width w (tokens in the forward)", ylabel="cost (one-token forwards)",
+           title=title or "cost of one Orthrus step's forwards")
+    ax.set_ylim(0, max(max(r["pair_alternating"] for r in tab["rows"]), 4) * 1.1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_report(rep: dict, path: str | Path) -> Path:

@@ -97,18 +97,34 @@ def native_files(root: Path | None = None) -> list[tuple[Path, str]]:
     return out
 
 
+def extra_flags() -> tuple[str, ...]:
+    """ORTHRUS_GGUF_CMAKE_ARGS: more CMake flags (e.g. -DCMAKE_CUDA_ARCHITECTURES=90), part of the key."""
+    return tuple(os.environ.get("ORTHRUS_GGUF_CMAKE_ARGS", "").split())
+
+
 def backend_flags(backend: str) -> tuple[str, ...]:
     if backend not in BACKENDS:
         raise OrthrusError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    return CMAKE_FLAGS + BACKENDS[backend]
+    return CMAKE_FLAGS + BACKENDS[backend] + extra_flags()
+
+
+def build_targets() -> tuple[str, ...]:
+    """ORTHRUS_GGUF_TARGETS (space-separated) narrows the targets (a device check needs no
+    server); part of the key, so such a build never stands in for a full one."""
+    wanted = tuple(os.environ.get("ORTHRUS_GGUF_TARGETS", "").split())
+    unknown = [t for t in wanted if t not in TARGETS]
+    if unknown:
+        raise OrthrusError(f"ORTHRUS_GGUF_TARGETS names {', '.join(unknown)}; choose among {', '.join(TARGETS)}")
+    return wanted or TARGETS
 
 
 def build_key(backend: str = "cpu", root: Path | None = None) -> str:
     """Short sha256 of everything the build depends on."""
     root = root or data_root()
     h = hashlib.sha256()
+    targets = () if build_targets() == TARGETS else (f"targets={' '.join(build_targets())}",)
     for part in (f"recipe={RECIPE}", f"commit={LLAMA_CPP_COMMIT}", f"sdist={SDIST_SHA256}",
-                 f"backend={backend}", *backend_flags(backend)):
+                 f"backend={backend}", *backend_flags(backend), *targets):
         h.update(part.encode() + b"\0")
     for p in patch_files(root):
         h.update(b"patch\0" + p.name.encode() + b"\0" + p.read_bytes() + b"\0")
@@ -207,27 +223,53 @@ def _install_file(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def extract_tree(sdist: Path, dest: Path) -> None:
-    """vendor/llama.cpp of the sdist into dest (replaced)."""
+def extract_tree(sdist: Path, dest: Path, prefix: str = SDIST_TREE) -> None:
+    """The llama.cpp tree under `prefix` of a tarball (vendor/llama.cpp of the sdist) into dest (replaced)."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    with tarfile.open(sdist, "r:gz") as tar:
+    if not Path(sdist).is_file():
+        raise OrthrusError(f"{sdist}: no such tarball of the llama.cpp source")
+    with tarfile.open(sdist, "r:*") as tar:
         members = []
         for m in tar.getmembers():
-            if not m.name.startswith(SDIST_TREE):
+            if not m.name.startswith(prefix):
                 continue
-            m.name = m.name[len(SDIST_TREE):]
+            m.name = m.name[len(prefix):]
             if m.name:
                 members.append(m)
         if not members:
-            raise OrthrusError(f"{sdist} holds no {SDIST_TREE}: not the expected sdist")
+            raise OrthrusError(f"{sdist} holds no {prefix or 'files'}: not the expected source tarball")
         kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **kw)
     # the submodule's .git file points outside the tarball; the tree becomes its own repo
     git_file = dest / ".git"
     if git_file.is_file() or git_file.is_symlink():
         git_file.unlink()
+
+
+# what a build needs none of: vocab test models, documentation, media
+_SOURCE_SKIP = ("models/", "docs/", "media/", ".github/", "benches/")
+
+
+def write_source_tarball(dest: str | Path) -> Path:
+    """The pristine llama.cpp tree of the pinned sdist, less what a build needs none of, as a
+    tar.gz for an offline machine (ORTHRUS_GGUF_LLAMA_SRC): small enough to carry."""
+    dest = Path(dest)
+    sdist = fetch_sdist(progress=False)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with tarfile.open(sdist, "r:gz") as src, tarfile.open(tmp, "w:gz") as out:
+        for m in src.getmembers():
+            if not m.name.startswith(SDIST_TREE):
+                continue
+            rel = m.name[len(SDIST_TREE):]
+            if not rel or rel.startswith(_SOURCE_SKIP) or rel == ".git":
+                continue
+            m.name = rel
+            out.addfile(m, src.extractfile(m) if m.isfile() else None)
+    os.replace(tmp, dest)
+    return dest
 
 
 def copy_native(tree: Path, root: Path | None = None) -> None:
@@ -280,8 +322,9 @@ def _configure(tree: Path, build: Path, backend: str, progress: bool) -> None:
 
 
 def _compile(tree: Path, build: Path, jobs: int, progress: bool) -> None:
-    cmd = ["cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS]
-    _say(progress, f"compiling {', '.join(TARGETS)} with {jobs} jobs (first build: minutes)")
+    targets = build_targets()
+    cmd = ["cmake", "--build", str(build), "-j", str(jobs), "--target", *targets]
+    _say(progress, f"compiling {', '.join(targets)} with {jobs} jobs (first build: minutes)")
     _run_logged(cmd, build.parent.parent / "build.log", _env(tree), progress=progress)
 
 
@@ -353,12 +396,17 @@ def build(backend: str = "cpu", jobs: int | None = None, force: bool = False,
         if not force and (dest / MARKER).is_file():  # another process just built it
             return dest
         t0 = time.monotonic()
-        sdist = fetch_sdist(progress)
         # a stable work path per backend: ccache hits across keys, incremental rebuilds
         work = llama_root / f"work-{backend}"
         tree = work / "llama.cpp"
-        _say(progress, f"extracting llama.cpp {LLAMA_CPP_COMMIT} into {tree}")
-        extract_tree(sdist, tree)
+        src = os.environ.get("ORTHRUS_GGUF_LLAMA_SRC")
+        if src:  # an offline machine: a tarball of the pristine tree (make gpu-carry writes one)
+            _say(progress, f"extracting llama.cpp {LLAMA_CPP_COMMIT} from {src} into {tree}")
+            extract_tree(Path(src), tree, prefix="")
+        else:
+            sdist = fetch_sdist(progress)
+            _say(progress, f"extracting llama.cpp {LLAMA_CPP_COMMIT} into {tree}")
+            extract_tree(sdist, tree)
         copy_native(tree, root)
         apply_patches(tree, root, progress)
         bdir = tree / "build"
@@ -370,7 +418,8 @@ def build(backend: str = "cpu", jobs: int | None = None, force: bool = False,
             shutil.rmtree(staging)
         staging.mkdir()
         _install(bdir, staging)
-        info = {"key": key, "backend": backend, "llama_cpp_commit": LLAMA_CPP_COMMIT,
+        info = {"key": key, "backend": backend, "targets": list(build_targets()),
+                "llama_cpp_commit": LLAMA_CPP_COMMIT,
                 "llama_cpp_python": LLAMA_CPP_PYTHON, "sdist_sha256": SDIST_SHA256,
                 "patches": [p.name for p in patch_files(root)],
                 "native": [rel for _, rel in native_files(root)],

@@ -124,20 +124,37 @@ def generate(model, n_ctx, threads, n_gpu_layers, prompt, chat, max_tokens, temp
               help="block sizes to compare (repeatable; integers or 'auto'; default: the GGUF's and auto)")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the chat template")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="also write the report as JSON")
-@click.option("--plot", type=click.Path(), default=None, help="write a PNG of acceptance and speed")
-def bench(model, n_ctx, threads, n_gpu_layers, prompts, max_tokens, block_sizes, chat, json_out, plot):
+@click.option("--plot", type=click.Path(), default=None,
+              help="write a PNG of acceptance and speed (with --costs also PLOT-costs.png)")
+@click.option("--costs", is_flag=True,
+              help="also the forward cost table by width (draft, verify, alternating vs back to back) and prefill speed")
+@click.option("--graph-slots", type=click.IntRange(0, 256), default=None,
+              help="kinds of batch with a kept graph (default 16; 0: llama.cpp's single graph)")
+def bench(model, n_ctx, threads, n_gpu_layers, prompts, max_tokens, block_sizes, chat, json_out, plot, costs,
+          graph_slots):
     """AR against Orthrus on the same prompts, in one process: speed, acceptance, identity."""
     import json
+    from pathlib import Path
 
-    from .bench import format_report, load_prompts, plot_report, run_bench
+    from .bench import format_costs, format_report, load_prompts, plot_costs, plot_report, run_bench
     blocks = [block_option(b) for b in block_sizes] if block_sizes else [None, "auto"]
-    rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, n_ctx, threads, n_gpu_layers, chat)
+    rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, n_ctx, threads, n_gpu_layers, chat,
+                    costs=costs, graph_slots=graph_slots, progress=lambda msg: click.echo(msg, err=True))
+    if "costs" in rep:
+        click.echo(format_costs(rep["costs"]))
+        pf = rep["prefill"]
+        click.echo(f"prefill of {pf['tokens']} tokens: {pf['fast_tokens_per_second']:.0f} tok/s fast kernels, "
+                   f"{pf['exact_tokens_per_second']:.0f} tok/s exact mode ({pf['exact_over_fast']:.3f}x), "
+                   f"{pf['reference_kernels_tokens_per_second']:.0f} tok/s on the batch-invariant kernels\n")
     click.echo(format_report(rep))
     if json_out:
         with open(json_out, "w") as f:
             json.dump(rep, f, indent=2)
     if plot:
         click.echo(f"plot: {plot_report(rep, plot)}")
+        if "costs" in rep:
+            p = Path(plot)
+            click.echo(f"plot: {plot_costs(rep['costs'], p.with_name(p.stem + '-costs' + p.suffix))}")
 
 
 @main.command("bench-server", context_settings={"ignore_unknown_options": True})

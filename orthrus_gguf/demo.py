@@ -33,10 +33,11 @@ def converted(model: Path, outtype: str) -> Path:
 
 
 def run_demo(outtypes=("f16", "q4_k_m"), max_tokens: int = 96, blocks=(None, "auto"),
-             n_threads: int | None = None, n_gpu_layers: int = 0, json_out: str | None = None) -> dict:
+             n_threads: int | None = None, n_gpu_layers: int = 0, json_out: str | None = None,
+             max_prompts: int | None = None) -> dict:
     from .bench import format_report, load_prompts, run_bench
     model = embedded_model()
-    prompts = load_prompts(model / "heldout_prompts.json")
+    prompts = {g: ps[:max_prompts] for g, ps in load_prompts(model / "heldout_prompts.json").items()}
     reports = {}
     for ot in outtypes:
         gguf = converted(model, ot)

@@ -100,3 +100,101 @@ def write_tiny_checkpoint(path: str | Path, *, seed: int = 0, shards: int = 1, s
     """A random Orthrus checkpoint; keyword arguments go to `tiny_config`."""
     cfg = tiny_config(**config)
     return write_checkpoint(path, cfg, random_state_dict(cfg, seed, std), shards=shards)
+
+
+# ------------------------------------------------------------------ speed-test models
+
+# real Orthrus-Qwen3 shapes (ORTHRUS.md): layers, hidden, heads, kv heads, ffn
+SHAPES = {
+    "1.7b": dict(n_layers=28, hidden=2048, n_heads=16, n_kv_heads=8, ffn=6144, tied=True),
+    "8b": dict(n_layers=36, hidden=4096, n_heads=32, n_kv_heads=8, ffn=12288, tied=False),
+    "test": dict(n_layers=2, hidden=256, n_heads=2, n_kv_heads=1, ffn=512, tied=False),  # for the tests
+}
+
+
+def write_random_gguf(path: str | Path, shape: str = "1.7b", block_size: int = 32, seed: int = 0) -> Path:
+    """An orthrus-qwen3 GGUF of a published model's shape with random weights, for speed only.
+
+    Weights are written straight as quantized blocks, Q4_K_M's layout (Q6_K for the output
+    head and for attn_v / ffn_down of the layers llama-quantize gives more bits, Q4_K
+    elsewhere, norms F32): random codes with a small fixed scale, so that no float weights
+    are made and an 8B shape takes seconds. The tokenizer is a tiny one, padded to the
+    published 151,936-row vocabulary, so the output head costs what the real one costs."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+    from gguf import GGUFWriter
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from .config import OrthrusConfig
+    from .convert import schema
+    from .convert.vocab import add_tokenizer
+    from .convert.writer import write_hparams
+
+    s = SHAPES[shape]
+    n_tok = 300
+    cfg = tiny_config(n_layers=s["n_layers"], hidden=s["hidden"], n_heads=s["n_heads"],
+                      n_kv_heads=s["n_kv_heads"], head_dim=128, ffn=s["ffn"], vocab_size=151936,
+                      n_tokens=n_tok, block_size=block_size, tied=s["tied"])
+    config = OrthrusConfig.from_dict(cfg)
+    h, hd, nh, nkv, ffn, L = s["hidden"], 128, s["n_heads"], s["n_kv_heads"], s["ffn"], s["n_layers"]
+    tensors = [("token_embd.weight", (151936, h), QT.Q4_K), ("output_norm.weight", (h,), QT.F32)]
+    if not s["tied"]:
+        tensors.append(("output.weight", (151936, h), QT.Q6_K))
+    for b in range(L):
+        more_bits = b < L // 8 or b >= 7 * L // 8 or (b - L // 8) % 3 == 2  # llama-quantize's use_more_bits
+        big = QT.Q6_K if more_bits else QT.Q4_K
+        for name, shp, qt in (("attn_norm", (h,), QT.F32), ("ffn_norm", (h,), QT.F32),
+                              ("attn_q", (nh * hd, h), QT.Q4_K), ("attn_k", (nkv * hd, h), QT.Q4_K),
+                              ("attn_v", (nkv * hd, h), big), ("attn_output", (h, nh * hd), QT.Q4_K),
+                              ("attn_q_norm", (hd,), QT.F32), ("attn_k_norm", (hd,), QT.F32),
+                              ("ffn_gate", (ffn, h), QT.Q4_K), ("ffn_up", (ffn, h), QT.Q4_K),
+                              ("ffn_down", (h, ffn), big),
+                              ("attn_q_diff", (nh * hd, h), QT.Q4_K), ("attn_k_diff", (nkv * hd, h), QT.Q4_K),
+                              ("attn_v_diff", (nkv * hd, h), QT.Q4_K), ("attn_output_diff", (h, nh * hd), QT.Q4_K),
+                              ("attn_q_norm_diff", (hd,), QT.F32), ("attn_k_norm_diff", (hd,), QT.F32)):
+            tensors.append((f"blk.{b}.{name}.weight", shp, qt))
+    rng = np.random.default_rng(seed)
+    scale = np.array([0.002], dtype=np.float16).view(np.uint8)
+
+    def data(shp, qt):
+        if qt == QT.F32:
+            return np.ones(shp, dtype=np.float32)
+        block, size = GGML_QUANT_SIZES[qt]
+        rows = int(np.prod(shp[:-1]))
+        raw = np.frombuffer(rng.bytes(rows * (shp[-1] // block) * size), dtype=np.uint8).reshape(-1, size).copy()
+        if qt == QT.Q4_K:  # d, dmin (f16) lead the block
+            raw[:, 0:2] = scale
+            raw[:, 2:4] = 0
+        else:  # Q6_K: d (f16) ends it; int8 scales kept small
+            raw[:, -2:] = scale
+            raw[:, 192:208] &= 0x0F
+        return raw.reshape(rows, -1)
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        save_hf_tokenizer(tiny_tokenizer(n_tok), tok_dir)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        import os
+        os.close(fd)
+        try:
+            w = GGUFWriter(tmp, schema.ARCH)
+            write_hparams(w, SimpleNamespace(config=config), 15, f"random-{shape}")  # 15: MOSTLY_Q4_K_M
+            add_tokenizer(w, Path(tok_dir), config)
+            for name, shp, qt in tensors:
+                w.add_tensor_info(name, shp, np.dtype(np.float32),
+                                  int(np.prod(shp[:-1])) * (shp[-1] // GGML_QUANT_SIZES[qt][0]) * GGML_QUANT_SIZES[qt][1]
+                                  if qt != QT.F32 else int(np.prod(shp)) * 4, raw_dtype=qt)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for name, shp, qt in tensors:
+                w.write_tensor_data(data(shp, qt))
+            w.close()
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return path

@@ -41,3 +41,43 @@ def test_bench_json_and_plot(tiny_gguf, tmp_path):
     assert o["identical"] == "2/2" and o["speedup"] > 0 and len(o["acceptance_by_position"]) == 7
     assert "auto" in rep["groups"]["b"]["orthrus"] and "forward_cost_ms" in rep
     assert "× AR" in r.stdout and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_costs_table_with_and_without_kept_graphs(tiny_gguf, tmp_path):
+    """--costs: the cost table for every width 1..block and the prefill speeds; the kept graphs
+    make every alternating forward a reuse, the single graph (--graph-slots 0) none of w >= 2."""
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["def f(x):"]))
+    reps = {}
+    for slots in (None, 0):
+        out, png = tmp_path / f"r{slots}.json", tmp_path / f"r{slots}.png"
+        args = ["bench", "-m", tiny_gguf("f32", tied=False), "--prompts", prompts, "-n", 8, "--threads", 2,
+                "--block-size", 8, "--costs", "--json", out, "--plot", png]
+        r = cli(*args, *([] if slots is None else ["--graph-slots", slots]))
+        assert r.returncode == 0, r.stderr
+        assert "alt/b2b" in r.stdout and "prefill of" in r.stdout and "reused/step" in r.stdout
+        assert (tmp_path / f"r{slots}-costs.png").read_bytes()[:4] == b"\x89PNG"
+        reps[slots] = json.loads(out.read_text())
+    kept, single = reps[None]["costs"], reps[0]["costs"]
+    assert [r["width"] for r in kept["rows"]] == list(range(1, 9))
+    assert kept["rows"][0]["verify"] == 1.0  # the unit
+    assert all(r["reused"] == 1.0 for r in kept["rows"])
+    assert all(r["reused"] == 0.0 for r in single["rows"] if r["width"] >= 2)
+    assert kept["graph_slots"] > 0 and kept["graph_compute_bytes"] > 0 and single["graph_slots"] == 0
+    assert set(reps[None]["prefill"]) >= {"fast_tokens_per_second", "exact_tokens_per_second", "exact_over_fast"}
+
+
+def test_gpu_check_cpu_path(tmp_path):
+    """The device check's CPU path (what runs before any GPU is lent): JSON, plot and log."""
+    r = subprocess.run([sys.executable, "-m", "orthrus_gguf.gpu_check", "--quick", "--skip-tests",
+                        "--backend", "cpu", "--out", tmp_path], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["backend"] == "cpu"
+    costs = rep["costs"]["orthrus-tiny f16"]
+    assert [row["width"] for row in costs["kept_graphs"]["rows"]] == [1, 2, 4, 8]
+    assert all(row["reused"] == 1.0 for row in costs["kept_graphs"]["rows"])
+    assert set(rep["demo"]["f16"]["groups"]) == {"code", "math"}
+    assert "tiny_auto_speedup_min" in rep["met"]
+    assert (tmp_path / "gpu_check.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in (tmp_path / "gpu_check.log").read_text()

@@ -95,3 +95,18 @@ def test_exact_mode_prefills_on_the_fast_kernels(model_path, monkeypatch):
     everything_ref = prefill_logits(False)
     assert np.array_equal(exact, fast)
     assert not np.array_equal(exact, everything_ref)
+
+
+def test_random_speed_model_loads_and_decodes(tmp_path):
+    """write_random_gguf (the device check's 1.7B / 8B stand-ins), at a small shape: Q4_K_M's
+    tensor types, a 151,936-row vocabulary, and finite logits from both views."""
+    from orthrus_gguf.convert.info import gguf_info
+    from orthrus_gguf.testing import write_random_gguf
+    path = write_random_gguf(tmp_path / "r.gguf", "test", block_size=8)
+    info = gguf_info(path)
+    assert info["n_tokens"] == 151936 and info["diffusion.block_size"] == 8
+    with NativeModel(path, n_ctx=256, n_batch=64, n_threads=2) as nm:
+        nm.prefill(np.arange(10, dtype=np.int32) + 3)
+        assert np.isfinite(nm.logits(1)).all()
+        nm.draft(5, 10, 8)
+        assert np.isfinite(nm.logits(8)).all()
