@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,30 @@ def nbytes(shape: tuple[int, ...], qt: QT) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
+@contextmanager
+def gguf_writer(out: Path, tensors: list[tuple[str, tuple[int, ...], QT]], metadata):
+    """A GGUFWriter whose header, metadata (`metadata(w)` adds the key-values) and tensor table
+    (name, shape, type) are written; the block then writes each tensor's data in table order.
+    The file is a temporary beside `out`, renamed to `out` when the block ends, and removed on
+    any error or interruption, so no half-written GGUF is ever left."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    os.close(fd)
+    try:
+        w = GGUFWriter(tmp, schema.ARCH)
+        metadata(w)
+        for name, shape, qt in tensors:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, qt), raw_dtype=qt)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        yield w
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_hparams(w: GGUFWriter, ckpt: Checkpoint, file_type: int, name: str) -> None:
     c = ckpt.config
     w.add_name(name)
@@ -85,31 +110,20 @@ def convert_checkpoint(model: str | Path, out: str | Path | None = None, outtype
     wanted, file_type = OUTTYPES[outtype]
     names = hf_to_gguf_names(ckpt)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(fd)
-    try:
-        w = GGUFWriter(tmp, schema.ARCH)
+    # in file order: tensors are read file by file and written in table order
+    plan = [(hf, gg, ckpt.table[hf].shape, tensor_type(ckpt.table[hf].shape, wanted))
+            for hf, gg in sorted(names.items(), key=lambda kv: str(ckpt.table[kv[0]].file))]
+
+    def metadata(w):
         write_hparams(w, ckpt, file_type, src.name)
         add_tokenizer(w, src, ckpt.config)
-        plan = []  # in file order: tensors are read file by file and written in table order
-        for hf, gg in sorted(names.items(), key=lambda kv: str(ckpt.table[kv[0]].file)):
-            shape = ckpt.table[hf].shape
-            qt = tensor_type(shape, wanted)
-            w.add_tensor_info(gg, shape, np.dtype(np.float32), nbytes(shape, qt), raw_dtype=qt)
-            plan.append((hf, qt))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        types = dict(plan)
+
+    with gguf_writer(out, [(gg, shape, qt) for _, gg, shape, qt in plan], metadata) as w:
+        types = {hf: qt for hf, _, _, qt in plan}
         from tqdm import tqdm
         bar = tqdm(total=len(plan), desc=f"converting to {outtype}", unit="tensor", disable=not progress)
-        for hf, t in ckpt.tensors([hf for hf, _ in plan]):
+        for hf, t in ckpt.tensors([hf for hf, _, _, _ in plan]):
             w.write_tensor_data(encode(t, types[hf]))
             bar.update(1)
         bar.close()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out

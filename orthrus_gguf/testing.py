@@ -125,13 +125,12 @@ def write_random_gguf(path: str | Path, shape: str = "1.7b", block_size: int = 3
 
     import numpy as np
     from gguf import GGMLQuantizationType as QT
-    from gguf import GGUFWriter
     from gguf.constants import GGML_QUANT_SIZES
 
     from .config import OrthrusConfig
     from .convert import schema
     from .convert.vocab import add_tokenizer
-    from .convert.writer import write_hparams
+    from .convert.writer import gguf_writer, write_hparams
 
     s = SHAPES[shape]
     n_tok = 300
@@ -176,25 +175,12 @@ def write_random_gguf(path: str | Path, shape: str = "1.7b", block_size: int = 3
     path = Path(path)
     with tempfile.TemporaryDirectory() as tok_dir:
         save_hf_tokenizer(tiny_tokenizer(n_tok), tok_dir)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        import os
-        os.close(fd)
-        try:
-            w = GGUFWriter(tmp, schema.ARCH)
+
+        def metadata(w):
             write_hparams(w, SimpleNamespace(config=config), 15, f"random-{shape}")  # 15: MOSTLY_Q4_K_M
             add_tokenizer(w, Path(tok_dir), config)
-            for name, shp, qt in tensors:
-                w.add_tensor_info(name, shp, np.dtype(np.float32),
-                                  int(np.prod(shp[:-1])) * (shp[-1] // GGML_QUANT_SIZES[qt][0]) * GGML_QUANT_SIZES[qt][1]
-                                  if qt != QT.F32 else int(np.prod(shp)) * 4, raw_dtype=qt)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for name, shp, qt in tensors:
+
+        with gguf_writer(path, tensors, metadata) as w:
+            for _, shp, qt in tensors:
                 w.write_tensor_data(data(shp, qt))
-            w.close()
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return path
