@@ -223,6 +223,14 @@ def _install_file(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _tree_members(tar: tarfile.TarFile, prefix: str):
+    """The members under `prefix`, renamed relative to it (the prefix itself left out)."""
+    for m in tar.getmembers():
+        if m.name.startswith(prefix) and m.name[len(prefix):]:
+            m.name = m.name[len(prefix):]
+            yield m
+
+
 def extract_tree(sdist: Path, dest: Path, prefix: str = SDIST_TREE) -> None:
     """The llama.cpp tree under `prefix` of a tarball (vendor/llama.cpp of the sdist) into dest (replaced)."""
     if dest.exists():
@@ -231,13 +239,7 @@ def extract_tree(sdist: Path, dest: Path, prefix: str = SDIST_TREE) -> None:
     if not Path(sdist).is_file():
         raise OrthrusError(f"{sdist}: no such tarball of the llama.cpp source")
     with tarfile.open(sdist, "r:*") as tar:
-        members = []
-        for m in tar.getmembers():
-            if not m.name.startswith(prefix):
-                continue
-            m.name = m.name[len(prefix):]
-            if m.name:
-                members.append(m)
+        members = list(_tree_members(tar, prefix))
         if not members:
             raise OrthrusError(f"{sdist} holds no {prefix or 'files'}: not the expected source tarball")
         kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -259,16 +261,15 @@ def write_source_tarball(dest: str | Path) -> Path:
     sdist = fetch_sdist(progress=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
-    with tarfile.open(sdist, "r:gz") as src, tarfile.open(tmp, "w:gz") as out:
-        for m in src.getmembers():
-            if not m.name.startswith(SDIST_TREE):
-                continue
-            rel = m.name[len(SDIST_TREE):]
-            if not rel or rel.startswith(_SOURCE_SKIP) or rel == ".git":
-                continue
-            m.name = rel
-            out.addfile(m, src.extractfile(m) if m.isfile() else None)
-    os.replace(tmp, dest)
+    try:
+        with tarfile.open(sdist, "r:gz") as src, tarfile.open(tmp, "w:gz") as out:
+            for m in _tree_members(src, SDIST_TREE):
+                if not m.name.startswith(_SOURCE_SKIP) and m.name != ".git":
+                    out.addfile(m, src.extractfile(m) if m.isfile() else None)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dest
 
 
