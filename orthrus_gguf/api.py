@@ -44,9 +44,9 @@ class Orthrus:
         # exact: batch-invariant CPU kernels, so a verify batch gives bit for bit the logits of
         # one-token forwards and greedy Orthrus equals greedy AR (docs/NUMERICS.md). On by
         # default on the CPU; it does not reach GPU kernels.
-        self.exact = n_gpu_layers == 0 if exact is None else exact
         self.nm = NativeModel(path, n_ctx=n_ctx, n_batch=max(n_batch, 64), n_threads=n_threads,
-                              n_gpu_layers=n_gpu_layers, batch_invariant=self.exact)
+                              n_gpu_layers=n_gpu_layers,
+                              batch_invariant=n_gpu_layers == 0 if exact is None else exact)
         lc = self.nm.n.llama_cpp
         self._lc, self._vocab = lc, lc.llama_model_get_vocab(self.nm._model)
         self._eog: dict[int, bool] = {}
@@ -63,6 +63,11 @@ class Orthrus:
 
     def __exit__(self, *exc):
         self.close()
+
+    @property
+    def exact(self) -> bool:
+        """Whether verify forwards run on the batch-invariant CPU kernels (NativeModel.exact)."""
+        return self.nm.exact
 
     @property
     def arch(self) -> str:

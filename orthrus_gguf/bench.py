@@ -150,6 +150,8 @@ def cost_table(nm, widths=None, rounds: int = 5, n: int = 4, context: int = 64) 
     in units of one one-token forward (verify(1)); `reused` is the share of the alternating
     forwards that reused a kept graph."""
     widths = list(widths or range(1, nm.block_size + 1))
+    if 1 not in widths:
+        raise OrthrusError("the cost table needs width 1 (the unit)")
     clock = time.perf_counter
     nm.clear()
     nm.prefill(np.arange(context, dtype=np.int32) % max(2, nm.mask_token))
@@ -194,9 +196,7 @@ def cost_table(nm, widths=None, rounds: int = 5, n: int = 4, context: int = 64) 
                      "alternating_over_back_to_back": best["pair"] / back_to_back,
                      "reused": reused / forwards})
     nm.clear()
-    unit = next((r["verify_s"] for r in rows if r["width"] == 1), None)
-    if unit is None:
-        raise OrthrusError("the cost table needs width 1 (the unit)")
+    unit = next(r["verify_s"] for r in rows if r["width"] == 1)
     for r in rows:
         for k in ("draft", "verify", "pair_alternating", "pair_back_to_back"):
             r[k] = r[k + "_s"] / unit

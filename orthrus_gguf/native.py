@@ -199,8 +199,7 @@ class NativeModel:
         # batch_invariant: verify forwards (decode_ar) on the CPU kernels with which a forward of
         # B tokens gives bit for bit the logits of B one-token forwards (ggml's reference mode,
         # patch 0005; docs/NUMERICS.md); prompts and drafts keep the fast kernels.
-        self.batch_invariant = bool(batch_invariant)
-        check(self.n.orthrus_set_exact(self._ctx, int(self.batch_invariant)), "set exact verify")
+        self.exact = batch_invariant
 
     # -------------------------------------------------------------- lifetime
 
@@ -353,12 +352,12 @@ class NativeModel:
     @property
     def exact(self) -> bool:
         """Whether verify forwards run on the batch-invariant CPU kernels (see __init__)."""
-        return self.batch_invariant
+        return self._exact
 
     @exact.setter
     def exact(self, value: bool) -> None:
         check(self.n.orthrus_set_exact(self.ctx, int(bool(value))), "set exact verify")
-        self.batch_invariant = bool(value)
+        self._exact = bool(value)
 
     def set_graph_slots(self, max_slots: int) -> None:
         """Keep graphs for at most max_slots kinds of batch (0: upstream's single graph)."""
