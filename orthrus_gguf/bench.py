@@ -32,11 +32,10 @@ def load_prompts(path: str | Path | None) -> dict[str, list[str]]:
 
 def first_difference_margin(m: Orthrus, prompt: str, common: list[int]) -> float:
     """AR top-1 minus top-2 logit, relative to |top-1|, at the first position where outputs differ."""
-    ids = m.tokenize(prompt) + common
-    m.nm.clear()
-    m.nm.prefill(ids)
-    row = np.sort(m.nm.logits(1)[0])
-    return float((row[-1] - row[-2]) / max(1e-9, abs(row[-1])))
+    nm = m.native
+    nm.clear()
+    nm.prefill(m.tokenize(prompt, special=True) + common)
+    return nm.margin() / max(1e-9, abs(float(nm.logits(1)[0].max())))
 
 
 def _agg(runs: list[dict]) -> dict:
@@ -75,22 +74,23 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
     single graph, to measure what the kept graphs save)."""
     say = progress or (lambda msg: None)
     with Orthrus(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers) as m:
+        nm = m.native
         if graph_slots is not None:
-            m.nm.set_graph_slots(graph_slots)
-        blocks = [m.nm.block_size if b is None else b for b in block_sizes]
+            nm.set_graph_slots(graph_slots)
+        blocks = [nm.block_size if b is None else b for b in block_sizes]
         if "auto" in blocks:
             m.calibrate()
         first = next(iter(prompts.values()))[0]
         for b in blocks:  # warm-up: page in weights, build graphs
             m.generate(first, max_tokens=8, mode="orthrus", block_size=b)
         m.generate(first, max_tokens=8, mode="ar")
-        report = {"model": str(model), "max_tokens": max_tokens, "n_threads": m.nm.n_threads,
+        report = {"model": str(model), "max_tokens": max_tokens, "n_threads": nm.n_threads,
                   "n_gpu_layers": n_gpu_layers, "exact": m.exact, "groups": {}}
-        if costs and m.nm.is_orthrus:
+        if costs and nm.is_orthrus:
             say("measuring forward costs by width …")
-            report["costs"] = cost_table(m.nm)
+            report["costs"] = cost_table(nm)
             say("measuring prefill speed …")
-            report["prefill"] = prefill_speed(m.nm)
+            report["prefill"] = prefill_speed(nm)
         if "auto" in blocks:
             d, v = m.calibrate()
             report["forward_cost_ms"] = {"draft": {k: x * 1e3 for k, x in d.items()},
@@ -100,9 +100,12 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
             ar_runs, modes = [], {str(b): {"runs": [], "identical": 0, "first_diff_margins": []} for b in blocks}
             for text in texts:
                 prompt = m.apply_chat_template([{"role": "user", "content": text}]) if chat else text
+                # every run from an empty cache: each decodes the whole prompt the same way
+                m.reset()
                 ar = m.generate(prompt, max_tokens=max_tokens, mode="ar")
                 ar_runs.append(ar.stats)
                 for b in blocks:
+                    m.reset()
                     o = m.generate(prompt, max_tokens=max_tokens, mode="orthrus", block_size=b)
                     rec = modes[str(b)]
                     rec["runs"].append(o.stats)
@@ -118,7 +121,7 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
                 agg["speedup"] = agg["tokens_per_second"] / g["ar"]["tokens_per_second"]
                 agg["identical"] = f"{rec['identical']}/{len(texts)}"
                 agg["first_diff_margins"] = rec["first_diff_margins"]
-                agg["acceptance_by_position"] = acceptance_by_position(rec["runs"], m.nm.block_size)
+                agg["acceptance_by_position"] = acceptance_by_position(rec["runs"], nm.block_size)
                 g["orthrus"][str(b)] = agg
             report["groups"][group] = g
     return report
@@ -218,26 +221,21 @@ def format_costs(tab: dict) -> str:
 
 
 def prefill_speed(nm, n_tokens: int = 500, rounds: int = 3) -> dict:
-    """Prompt tokens per second of a prefill with exact verify off and on (prefill takes the
-    fast kernels either way), and of the same tokens on the batch-invariant kernels (decoded
-    as verify forwards with exact on: what exact mode's prefill used to cost). Fastest of
-    `rounds`."""
+    """Prompt tokens per second of a prefill with exact "off" and "verify" (prefill takes the
+    fast kernels either way), and with exact "all" (the batch-invariant kernels: what exact
+    mode's prefill used to cost). Fastest of `rounds`."""
     n_tokens = min(n_tokens, nm.n_ctx - 1)
     toks = np.arange(n_tokens, dtype=np.int32) % max(2, nm.mask_token)
     exact0 = nm.exact
     out = {"tokens": int(n_tokens)}
     try:
-        for name, exact, as_verify in (("fast", False, False), ("exact", True, False), ("reference_kernels", True, True)):
+        for name, exact in (("fast", "off"), ("exact", "verify"), ("reference_kernels", "all")):
             nm.exact = exact
             best = float("inf")
             for _ in range(rounds):
                 nm.clear()
                 t0 = time.perf_counter()
-                if as_verify:
-                    for s in range(0, n_tokens, nm.n_batch):
-                        nm.verify(toks[s:s + nm.n_batch], s)
-                else:
-                    nm.prefill(toks)
+                nm.prefill(toks)
                 best = min(best, time.perf_counter() - t0)
             out[name + "_tokens_per_second"] = n_tokens / best
     finally:

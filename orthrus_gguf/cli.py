@@ -57,7 +57,9 @@ def info(gguf_file):
 def build(backend, jobs, force):
     """Build the patched llama.cpp (libllama, llama-server, llama-quantize) into the user cache."""
     from .build import build as run_build
+    from .native import link_llama_cpp_lib
     path = run_build(backend or "cpu", jobs=jobs, force=force)
+    link_llama_cpp_lib(path)  # `import llama_cpp` alone then loads the patched build too
     click.echo(str(path))
 
 
@@ -89,30 +91,34 @@ def model_options(f):
 @click.option("--chat", is_flag=True, help="wrap the prompt in the GGUF's chat template")
 @click.option("--max-tokens", "-n", default=256, show_default=True)
 @click.option("--temp", default=0.0, show_default=True, help="temperature (0: greedy, lossless)")
-@click.option("--top-k", default=20, show_default=True)
-@click.option("--top-p", default=0.8, show_default=True)
+@click.option("--top-k", default=40, show_default=True, help="0: off")
+@click.option("--top-p", default=0.95, show_default=True, help="1: off")
+@click.option("--min-p", default=0.05, show_default=True, help="0: off")
+@click.option("--repeat-penalty", default=1.0, show_default=True, help="1: off")
+@click.option("--repeat-last-n", default=64, show_default=True, help="tokens the penalty looks back (-1: all)")
 @click.option("--seed", type=int, default=None)
 @click.option("--mode", type=click.Choice(["orthrus", "ar"]), default="orthrus", show_default=True)
 @click.option("--block-size", default=None, help="draft block: an integer, or 'auto' (default: the GGUF's)")
 @click.option("--stats", "show_stats", is_flag=True, help="print decoding statistics at the end")
-def generate(model, n_ctx, threads, n_gpu_layers, prompt, chat, max_tokens, temp, top_k, top_p, seed,
-             mode, block_size, show_stats):
-    """Stream a completion to stdout."""
+def generate(model, n_ctx, threads, n_gpu_layers, prompt, chat, max_tokens, temp, top_k, top_p, min_p,
+             repeat_penalty, repeat_last_n, seed, mode, block_size, show_stats):
+    """Stream a completion to stdout (llama.cpp's sampler chain and defaults)."""
     import json
 
     from .api import Orthrus
+    from .decode import Stats
     with Orthrus(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers) as m:
         if chat:
             prompt = m.apply_chat_template([{"role": "user", "content": prompt}])
-        kw = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
-                  mode=mode, block_size=block_option(block_size))
-        stats = None
-        for piece, _, stats in m._run(prompt, **kw):
-            click.echo(piece, nl=False)
+        stats = Stats(mode)
+        for piece in m.steps(prompt, max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, penalty_last_n=repeat_last_n, seed=seed,
+                             mode=mode, block_size=block_option(block_size)):
+            click.echo(piece.text, nl=False)
+            stats.add(piece.step)
         click.echo()
-        if show_stats and stats is not None:
-            summary = stats.summary()
-            click.echo(json.dumps(summary, indent=2), err=True)
+        if show_stats:
+            click.echo(json.dumps(stats.summary(), indent=2), err=True)
 
 
 @main.command()

@@ -33,10 +33,17 @@ ERR_DECODE = -11
 ERR_ROWS = -12
 ERR_SEQ_RM = -13
 
+# statuses returned before anything was decoded: the cache is as it was
+_UNCHANGED = (ERR_ARG, ERR_SEQ, ERR_BATCH, ERR_MEMORY, ERR_POS, ERR_CTX, ERR_UBATCH, ERR_NOT_ORTHRUS)
+
 VIEW_AR = 0
 VIEW_DIFFUSION = 1
 
-_KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # enum ggml_type
+# enum ggml_type of the KV cache types llama.cpp's -ctk/-ctv accept
+_KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20,
+             "q5_0": 6, "q5_1": 7}
+# LLAMA_ORTHRUS_EXACT_* of include/llama.h: which forwards run on the batch-invariant kernels
+EXACT_MODES = {"off": 0, "verify": 1, "all": 2}
 
 _i32, _p = ctypes.c_int32, ctypes.c_void_p
 # name -> (argtypes, restype); the C prototypes are in include/llama.h of the patched tree
@@ -100,6 +107,7 @@ def load(lib_dir: str | Path | None = None) -> SimpleNamespace:
                 f"{loaded}, not the patched build in {lib_dir}: load orthrus_gguf.native first, "
                 f"or set LLAMA_CPP_LIB_PATH={lib_dir} before starting Python")
     os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+    link_llama_cpp_lib(lib_dir)
     # no AMX weight buffers unless asked for (GGML_CPU_AMX=1): on some virtual machines the
     # AMX kernels fault with SIGILL on the first batched q8_0 product (patch 0009)
     os.environ.setdefault("GGML_CPU_AMX", "0")
@@ -134,6 +142,57 @@ def load(lib_dir: str | Path | None = None) -> SimpleNamespace:
     return _state
 
 
+def kv_type_id(t: str | int) -> int:
+    """enum ggml_type of a KV cache type given by name (llama.cpp's -ctk/-ctv) or number."""
+    if isinstance(t, int) and not isinstance(t, bool) and t in _KV_TYPES.values():
+        return t
+    if isinstance(t, str) and t.lower() in _KV_TYPES:
+        return _KV_TYPES[t.lower()]
+    raise OrthrusError(f"KV cache type must be one of {', '.join(_KV_TYPES)}, not {t!r}")
+
+
+def exact_mode(value) -> str:
+    """The name of an exact mode: "off", "verify", "all"; False means "off", True "verify"."""
+    if value is True or value is False:
+        return "verify" if value else "off"
+    if isinstance(value, str) and value in EXACT_MODES:
+        return value
+    raise OrthrusError(f"exact must be one of {', '.join(EXACT_MODES)} (or True/False), got {value!r}")
+
+
+def set_verbose(on: bool) -> None:
+    """llama.cpp's log on stderr: everything (on) or errors only (off, the default;
+    ORTHRUS_GGUF_VERBOSE=1 turns it on at load)."""
+    load().orthrus_log_set_min_level(_LOG_DEBUG if on else _LOG_ERROR)
+
+
+def link_llama_cpp_lib(lib_dir: Path) -> Path | None:
+    """Point llama-cpp-python's own library folder (llama_cpp/lib, where it looks when
+    LLAMA_CPP_LIB_PATH is unset) at the patched build, so that `import llama_cpp` before
+    orthrus_gguf loads it too. Only where that folder is ours to set: absent (the install
+    built no llama.cpp) or a link made here. Returns the link, or None."""
+    import importlib.util
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    link = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    try:
+        if link.is_symlink():
+            if link.resolve() == Path(lib_dir).resolve():
+                return link
+            tmp = link.with_name(f".lib-orthrus-{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(lib_dir, target_is_directory=True)
+            os.replace(tmp, link)  # atomic: another process never sees no link
+        elif not link.exists():
+            link.symlink_to(lib_dir, target_is_directory=True)
+        else:
+            return None
+    except OSError:
+        return None
+    return link
+
+
 def strerror(status: int) -> str:
     return load().orthrus_strerror(status).decode()
 
@@ -153,8 +212,9 @@ class NativeModel:
 
     def __init__(self, path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_ubatch: int | None = None, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
-                 seq: int = 0, repack: bool = True, batch_invariant: bool = False):
+                 n_gpu_layers: int = 0, kv_type: str | int = "f16", type_v: str | int | None = None,
+                 flash_attn: bool | None = None, seq: int = 0, repack: bool = True,
+                 exact: bool | str = False):
         self._ctx = self._model = None
         self._batch = None
         self.n = load()
@@ -175,10 +235,11 @@ class NativeModel:
         threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
-        if kv_type not in _KV_TYPES:
+        try:
+            cp.type_k, cp.type_v = kv_type_id(kv_type), kv_type_id(kv_type if type_v is None else type_v)
+        except OrthrusError:
             self.close()
-            raise OrthrusError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {kv_type!r}")
-        cp.type_k = cp.type_v = _KV_TYPES[kv_type]
+            raise
         # None: llama.cpp decides (enabled where the backend supports it)
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
         self._ctx = lc.llama_init_from_model(self._model, cp)
@@ -196,10 +257,14 @@ class NativeModel:
         self.arch = self._meta("general.architecture")
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._mem = lc.llama_get_memory(self._ctx)
-        # batch_invariant: verify forwards (decode_ar) on the CPU kernels with which a forward of
-        # B tokens gives bit for bit the logits of B one-token forwards (ggml's reference mode,
-        # patch 0005; docs/NUMERICS.md); prompts and drafts keep the fast kernels.
-        self.exact = batch_invariant
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self._eog: dict[int, bool] = {}
+        self.tokens: list[int] = []  # the cache's contents, position by position
+        # exact: forwards on the CPU kernels with which a forward of B tokens gives bit for bit
+        # the logits of B one-token forwards (ggml's reference mode, patch 0005;
+        # docs/NUMERICS.md): "verify" for verify forwards only (prompts and drafts keep the fast
+        # kernels), "all" for every forward, "off" (False) for none; True means "verify".
+        self.exact = exact
 
     # -------------------------------------------------------------- lifetime
 
@@ -253,9 +318,34 @@ class NativeModel:
         """Drop every cached position >= p."""
         if not self.n.llama_cpp.llama_memory_seq_rm(self._mem, self.seq, p, -1):
             raise OrthrusError(f"could not remove positions >= {p} from the KV cache")
+        del self.tokens[p:]
 
     def clear(self) -> None:
         self.seq_rm(0)
+
+    def lease(self) -> object:
+        """Claim the cache for one generation; check_lease(lease) raises once another has
+        claimed it since (two generations cannot interleave on one context)."""
+        self._lease = object()
+        return self._lease
+
+    def check_lease(self, lease: object) -> None:
+        if getattr(self, "_lease", None) is not lease:
+            raise OrthrusError("another generation ran on this model while this one was paused: "
+                               "finish (or close) one stream before starting the next, or use one "
+                               "Orthrus object per stream")
+
+    def reuse_prefix(self, tokens) -> int:
+        """Keep the longest cached prefix of `tokens` but at least their last token (whose
+        logits a caller needs), drop the rest of the cache; returns the positions kept."""
+        n = 0
+        for a, b in zip(self.tokens, tokens[: len(tokens) - 1]):
+            if a != b:
+                break
+            n += 1
+        if n < len(self.tokens):
+            self.seq_rm(n)
+        return n
 
     # -------------------------------------------------------------- forwards
 
@@ -289,13 +379,18 @@ class NativeModel:
             if rc != 0:
                 self.seq_rm(p)
                 raise OrthrusError(f"llama_decode failed (returned {rc}) in a prefill at {p + start}")
+            self.tokens.extend(int(x) for x in chunk)
 
     def decode_ar(self, tokens, p: int) -> None:
         """AR decode of tokens at p.. with logits for every row; the tokens stay cached."""
         toks = np.ascontiguousarray(tokens, dtype=np.int32).ravel()
         ptr = toks.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        check(self.n.orthrus_verify(self.ctx, self.seq, ptr, toks.size, p),
-              f"AR decode of {toks.size} tokens at {p}")
+        status = self.n.orthrus_verify(self.ctx, self.seq, ptr, toks.size, p)
+        if status == OK:
+            self.tokens[p:] = toks.tolist()
+        elif status not in _UNCHANGED:  # a failed decode: the C API left the positions < p
+            del self.tokens[p:]
+        check(status, f"AR decode of {toks.size} tokens at {p}")
 
     verify = decode_ar
 
@@ -350,18 +445,64 @@ class NativeModel:
         return int(n), int(nbytes.value)
 
     @property
-    def exact(self) -> bool:
-        """Whether verify forwards run on the batch-invariant CPU kernels (see __init__)."""
+    def exact(self) -> str:
+        """Which forwards run on the batch-invariant CPU kernels: "off", "verify" or "all"."""
         return self._exact
 
     @exact.setter
-    def exact(self, value: bool) -> None:
-        check(self.n.orthrus_set_exact(self.ctx, int(bool(value))), "set exact verify")
-        self._exact = bool(value)
+    def exact(self, value: bool | str) -> None:
+        mode = exact_mode(value)
+        check(self.n.orthrus_set_exact(self.ctx, EXACT_MODES[mode]), f"set exact {mode}")
+        self._exact = mode
 
     def set_graph_slots(self, max_slots: int) -> None:
         """Keep graphs for at most max_slots kinds of batch (0: upstream's single graph)."""
         check(self.n.orthrus_set_graph_slots(self.ctx, int(max_slots)), f"set graph slots {max_slots}")
+
+    def margin(self) -> float:
+        """The gap between the two largest logits of the last row of the last decode."""
+        row = np.partition(self.logits()[-1], self.n_vocab - 2)
+        return float(row[-1] - row[-2])
+
+    # -------------------------------------------------------------- vocabulary
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """llama_tokenize, as llama_cpp.Llama.tokenize (add_bos: the BOS the GGUF asks for)."""
+        raw = text.encode() if isinstance(text, str) else bytes(text)
+        n_max = len(raw) + 8
+        buf = (ctypes.c_int32 * n_max)()
+        n = self.n.llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_bos, special)
+        if n < 0:
+            raise OrthrusError(f"tokenize failed for a text of {len(raw)} bytes")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token (special tokens render as text only with special=True)."""
+        lc = self.n.llama_cpp
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens, special: bool = False) -> bytes:
+        return b"".join(self.token_bytes(t, special) for t in tokens)
+
+    def is_eog(self, token: int) -> bool:
+        """Whether a token ends generation (EOS, EOT, ...: the GGUF's end-of-generation set)."""
+        hit = self._eog.get(token)
+        if hit is None:
+            hit = self._eog[token] = bool(self.n.llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return hit
+
+    def chat_template(self) -> str | None:
+        """The GGUF's default chat template (tokenizer.chat_template), or None."""
+        tmpl = self.n.llama_cpp.llama_model_chat_template(self._model, None)
+        return tmpl.decode() if tmpl else None
+
+    def token_eos(self) -> int:
+        return int(self.n.llama_cpp.llama_vocab_eos(self._vocab))
 
     # -------------------------------------------------------------- view
 

@@ -189,18 +189,19 @@ class OrthrusModel(nn.Module):
 # ---------------------------------------------------------------- decoding
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Probabilities after temperature, then top-k, then top-p (rows of logits [..., V])."""
-    x = logits.float() / temperature
+    """Probabilities of rows of logits [..., V] in llama.cpp's order: top-k, then top-p (on
+    the untempered probabilities), then the temperature (sampling.py's chain without
+    min-p, bias and penalties)."""
+    x = logits.double()
     if 0 < top_k < x.shape[-1]:
         kth = x.topk(top_k, -1).values[..., -1:]
         x = x.masked_fill(x < kth, -math.inf)
-    probs = x.softmax(-1)
     if top_p < 1.0:
-        sp, idx = probs.sort(-1, descending=True)
+        sp, idx = x.softmax(-1).sort(-1, descending=True)
         drop = sp.cumsum(-1) - sp >= top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        drop[..., 0] = False
+        x = x.scatter(-1, idx, x.gather(-1, idx).masked_fill(drop, -math.inf))
+    return (x / temperature).softmax(-1).to(logits.dtype)
 
 
 @dataclass

@@ -1,64 +1,178 @@
-"""Token choice on rows of llama.cpp logits: greedy in C, sampling vectorised in numpy.
+"""Token choice on rows of llama.cpp logits: llama.cpp's sampler chain, vectorised in numpy.
 
-Both views are warped the same way (temperature, then top-k, then top-p), exactly as
-reference.warp does, so speculative sampling against the draft distribution is exact.
+The chain and its order are llama.cpp's (common/sampling.cpp, the default `--samplers`, and
+llama-cpp-python's `Llama`): logit bias, repetition penalties over the last
+`penalty_last_n` tokens, top-k, top-p, min-p, then the temperature, then a draw from the
+softmax of what is left. Temperature 0 is greedy: the argmax after bias and penalties.
+
+The draft rows (q) and the verify rows (p) go through the same chain, so speculative
+sampling against q is exact for p. Row i of a block [t, d0, d1, ...] predicts the token after
+d[:i]: its penalty window is the history followed by d[:i]. Nothing here loops over the
+vocabulary in Python.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import OrthrusError
 
+# llama.cpp's defaults (common_params_sampling; the same in Llama.create_completion)
+DEFAULTS = dict(top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, frequency_penalty=0.0,
+                presence_penalty=0.0, penalty_last_n=64)
+RULES = ("speculative", "match")
+
+
+def _number(name: str, value, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> float:
+    if lo is not None and hi is not None:
+        want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    elif lo is not None:
+        want = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        want = "a finite number"
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer))
+            or not math.isfinite(value)):
+        raise OrthrusError(f"{name} must be a finite number {want}, got {value!r}")
+    if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
+        raise OrthrusError(f"{name} must be {want}, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise OrthrusError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
 
 @dataclass
 class Sampler:
     temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = DEFAULTS["top_k"]              # 0: off
+    top_p: float = DEFAULTS["top_p"]            # 1: off
+    min_p: float = DEFAULTS["min_p"]            # 0: off
+    repeat_penalty: float = DEFAULTS["repeat_penalty"]
+    frequency_penalty: float = DEFAULTS["frequency_penalty"]
+    presence_penalty: float = DEFAULTS["presence_penalty"]
+    penalty_last_n: int = DEFAULTS["penalty_last_n"]  # -1: the whole history
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     rule: str = "speculative"  # or "match": sample from AR, accept while equal to the draft
+    rng: np.random.Generator | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.rule not in ("speculative", "match"):
+        if self.rule not in RULES:
             raise OrthrusError(f"rule must be 'speculative' or 'match', got {self.rule!r}")
-        if self.temperature < 0:
-            raise OrthrusError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise OrthrusError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise OrthrusError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        self.rng = np.random.default_rng(self.seed)
+        self.temperature = _number("temperature", self.temperature, 0.0)
+        self.top_k = _integer("top_k", self.top_k, 0)
+        self.top_p = _number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        self.min_p = _number("min_p", self.min_p, 0.0, 1.0)
+        self.repeat_penalty = _number("repeat_penalty", self.repeat_penalty, 0.0, lo_open=True)
+        self.frequency_penalty = _number("frequency_penalty", self.frequency_penalty)
+        self.presence_penalty = _number("presence_penalty", self.presence_penalty)
+        self.penalty_last_n = _integer("penalty_last_n", self.penalty_last_n, -1)
+        bias = self.logit_bias or {}
+        if not isinstance(bias, dict):
+            raise OrthrusError(f"logit_bias must be a dict of token id to bias, got {type(bias).__name__}")
+        ids = [_integer("a logit_bias token id", int(k) if isinstance(k, str) and k.isdigit() else k, 0)
+               for k in bias]
+        vals = [float(v) if v == -math.inf else _number(f"logit_bias[{k}]", v) for k, v in bias.items()]
+        self._bias = (np.array(ids, dtype=np.int64), np.array(vals, dtype=np.float64))
+        if self.seed is not None:
+            self.rng = np.random.default_rng(_integer("seed", self.seed, 0))
+        elif self.rng is None:
+            self.rng = np.random.default_rng()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def probs(self, logits: np.ndarray) -> np.ndarray:
-        """Warped probabilities of rows [n, V] (float64 for exact accept ratios)."""
-        x = logits.astype(np.float64) / self.temperature
+    @property
+    def penalized(self) -> bool:
+        return self.penalty_last_n != 0 and (self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0
+                                             or self.presence_penalty != 0.0)
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with no bias and no penalty: a pick is the raw argmax (computed in C)."""
+        return self.greedy and not self.penalized and self._bias[0].size == 0
+
+    def check_vocab(self, n_vocab: int) -> None:
+        ids = self._bias[0]
+        if ids.size and ids.max() >= n_vocab:
+            raise OrthrusError(f"logit_bias names token {int(ids.max())}; the vocabulary has {n_vocab}")
+
+    # ------------------------------------------------------------ the chain
+
+    def adjust(self, logits: np.ndarray, history, drafts=()) -> np.ndarray:
+        """Rows [n, V] after logit bias and penalties (float64; a copy)."""
+        x = np.array(logits, dtype=np.float64, ndmin=2)
+        ids, vals = self._bias
+        if ids.size:
+            x[:, ids] += vals
+        if self.penalized:
+            seq = np.concatenate([np.asarray(history, dtype=np.int64), np.asarray(drafts, dtype=np.int64)])
+            n_hist = len(seq) - len(drafts)
+            for i in range(x.shape[0]):
+                end = n_hist + min(i, len(drafts))
+                start = 0 if self.penalty_last_n < 0 else max(0, end - self.penalty_last_n)
+                tok, cnt = np.unique(seq[start:end], return_counts=True)
+                row = x[i, tok]
+                row = np.where(row <= 0, row * self.repeat_penalty, row / self.repeat_penalty)
+                x[i, tok] = row - cnt * self.frequency_penalty - self.presence_penalty
+        return x
+
+    def probs(self, logits: np.ndarray, history=(), drafts=()) -> np.ndarray:
+        """The chain's distribution for rows [n, V] (float64, for exact accept ratios)."""
+        x = self.adjust(logits, history, drafts)
         v = x.shape[-1]
-        if 0 < self.top_k < v:
-            kth = np.partition(x, v - self.top_k, axis=-1)[:, v - self.top_k][:, None]
-            x = np.where(x < kth, -np.inf, x)
-        x -= x.max(-1, keepdims=True)
-        p = np.exp(x)
-        p /= p.sum(-1, keepdims=True)
-        if self.top_p < 1.0:
-            order = np.argsort(-p, axis=-1, kind="stable")
+        if 0 < self.top_k < v:  # exactly k kept
+            drop = np.argpartition(-x, self.top_k - 1, axis=-1)[:, self.top_k:]
+            np.put_along_axis(x, drop, -np.inf, -1)
+        if self.top_p < 1.0:  # the smallest prefix by probability that reaches top_p
+            p = _softmax(x)
+            order = np.argsort(-x, axis=-1, kind="stable")
             sp = np.take_along_axis(p, order, -1)
-            drop = np.cumsum(sp, -1) - sp >= self.top_p  # keep the smallest prefix reaching top_p
-            sp[drop] = 0.0
-            np.put_along_axis(p, order, sp, -1)
-            p /= p.sum(-1, keepdims=True)
-        return p
+            drop = np.cumsum(sp, -1) - sp >= self.top_p
+            drop[:, 0] = False
+            np.put_along_axis(x, order, np.where(drop, -np.inf, np.take_along_axis(x, order, -1)), -1)
+        if self.min_p > 0.0:  # p >= min_p * p_max, on logits: x >= max + log(min_p)
+            x = np.where(x >= x.max(-1, keepdims=True) + math.log(self.min_p), x, -np.inf)
+        return _softmax(x / self.temperature)
+
+    def pick(self, logits: np.ndarray, history=(), drafts=()) -> np.ndarray:
+        """Greedy choice of each row (ties: the lowest id), after bias and penalties."""
+        return self.adjust(logits, history, drafts).argmax(-1)
 
     def draw(self, p: np.ndarray) -> np.ndarray:
         """One sample from each row of probabilities [n, V] (inverse CDF, vectorised)."""
         c = np.cumsum(p, -1)
         u = self.rng.random((p.shape[0], 1)) * c[:, -1:]
         return np.minimum((c < u).sum(-1), p.shape[-1] - 1)
+
+    def sample_rows(self, logits: np.ndarray, history, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens for the first n rows, each row after the tokens picked before it (a draft):
+        (tokens, their distributions q or None when greedy)."""
+        if self.plain:
+            raise AssertionError("plain greedy picks are made in C")
+        if not self.penalized:  # rows independent of each other: all at once
+            if self.greedy:
+                return self.pick(logits[:n], history), None
+            q = self.probs(logits[:n], history)
+            return self.draw(q), q
+        toks, qs = [], []
+        for i in range(n):
+            if self.greedy:
+                toks.append(int(self.pick(logits[i:i + 1], history, toks)[0]))
+            else:
+                q = self.probs(logits[i:i + 1], list(history) + toks)
+                qs.append(q[0])
+                toks.append(int(self.draw(q)[0]))
+        return np.array(toks, dtype=np.int64), (np.stack(qs) if qs else None)
+
+    # ------------------------------------------------------------ acceptance
 
     def accept(self, d: np.ndarray, q: np.ndarray, p: np.ndarray) -> tuple[int, int]:
         """Speculative sampling (Leviathan et al. 2023): accepted count n and the next token,
@@ -78,3 +192,9 @@ class Sampler:
         x = self.draw(p)
         n = int(np.flatnonzero(np.append(x[: len(d)] != d, True))[0])
         return n, int(x[n])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    e = np.exp(x - np.where(np.isfinite(m), m, 0.0))
+    return e / e.sum(-1, keepdims=True)

@@ -29,7 +29,8 @@ def model_path(tiny_gguf):
 def test_steady_loop_reuses_both_graphs_every_step(model_path):
     with Orthrus(model_path, n_ctx=512, n_threads=2, block_size=BLOCK) as m:
         kept = m.generate(PROMPT, max_tokens=120)
-        m.nm.set_graph_slots(0)  # upstream's single graph: the alternating views rebuild it
+        m.native.set_graph_slots(0)  # upstream's single graph: the alternating views rebuild it
+        m.reset()
         single = m.generate(PROMPT, max_tokens=120)
     reused = steady_steps(kept)
     assert len(reused) >= 10
@@ -87,7 +88,7 @@ def test_exact_mode_prefills_on_the_fast_kernels(model_path, monkeypatch):
     prompt = np.arange(100, dtype=np.int32) * 7 % 250 + 3
 
     def prefill_logits(exact):
-        with NativeModel(model_path, n_ctx=256, n_batch=128, n_threads=1, batch_invariant=exact) as nm:
+        with NativeModel(model_path, n_ctx=256, n_batch=128, n_threads=1, exact=exact) as nm:
             nm.prefill(prompt)
             return nm.logits(1)[0].copy()
     exact, fast = prefill_logits(True), prefill_logits(False)

@@ -14,7 +14,7 @@ x86-64 CPU (AVX2/AVX-512) the paths that differ for B > 1 are
 A last-bit difference is then amplified where activations are rounded: to f16 (f16 weights,
 the f16 flash-attention Q) or quantized (Q8_0 / Q8_K activations of quantized weights).
 
-NativeModel(batch_invariant=True) runs every verify forward (decode_ar) in ggml's reference
+NativeModel(exact=True) runs every verify forward (decode_ar) in ggml's reference
 mode (ggml_backend_cpu_set_use_ref, through llama_orthrus_set_exact of patch 0008), which patch
 0005-ggml-cpu-use-ref-batch-invariant extends to skip llamafile sgemm and to run the repacked
 kernels row by row: every weight type is then bit-identical, flash attention on or off.
@@ -107,10 +107,10 @@ def test_use_ref_is_batch_invariant(tiny_gguf, use_ref_patch, weights):
     flash attention on (f16 KV, incl. >= 512 cells on 2 threads) and off (f32 KV), repack on
     and off."""
     assert use_ref_patch, "the build lacks patch 0005-ggml-cpu-use-ref-batch-invariant"
-    runs = [(dict(flash_attn=True, kv_type="f16", batch_invariant=True), SHAPES),
-            (dict(flash_attn=True, kv_type="f16", batch_invariant=True, n_threads=2), LONG),
-            (dict(flash_attn=False, kv_type="f32", batch_invariant=True), SHAPES),
-            (dict(flash_attn=True, kv_type="f16", batch_invariant=True, repack=False), SHAPES)]
+    runs = [(dict(flash_attn=True, kv_type="f16", exact=True), SHAPES),
+            (dict(flash_attn=True, kv_type="f16", exact=True, n_threads=2), LONG),
+            (dict(flash_attn=False, kv_type="f32", exact=True), SHAPES),
+            (dict(flash_attn=True, kv_type="f16", exact=True, repack=False), SHAPES)]
     for (opts, _), res in zip(runs, diffs(tiny_gguf(weights, **CFG), runs)):
         assert all(same for same, _ in res.values()), (weights, opts, res)
 

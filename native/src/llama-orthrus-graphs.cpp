@@ -45,6 +45,14 @@ llama_orthrus_graph_scope::llama_orthrus_graph_scope(llama_context & c, uint32_t
     if (ctx.model.arch != LLM_ARCH_ORTHRUS_QWEN3) {
         return; // other architectures: upstream's behaviour, untouched
     }
+    // the first decode after a draft verifies it: exact kernels for it under EXACT_VERIFY
+    if (ctx.orthrus_exact_next) {
+        ctx.orthrus_exact_next = false;
+        if (ctx.orthrus_exact == LLAMA_ORTHRUS_EXACT_VERIFY && ctx.cparams.orthrus_view == 0) {
+            ctx.orthrus_cpu_use_ref(true);
+            exact = true;
+        }
+    }
     auto & G = ctx.orthrus_graphs;
     if (!G) {
         G = std::make_shared<llama_orthrus_graphs>();
@@ -91,6 +99,9 @@ llama_orthrus_graph_scope::llama_orthrus_graph_scope(llama_context & c, uint32_t
 llama_orthrus_graph_scope::~llama_orthrus_graph_scope() {
     if (slot != nullptr) {
         llama_orthrus_graphs::swap(ctx, *slot);
+    }
+    if (exact) {
+        ctx.orthrus_cpu_use_ref(false);
     }
 }
 

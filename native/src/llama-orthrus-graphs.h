@@ -63,7 +63,9 @@ struct llama_orthrus_graphs {
     static void swap(llama_context & ctx, llama_orthrus_graph_slot & s);
 };
 
-// For the duration of one llama_context::decode: the slot of its batch in, and out on return.
+// For the duration of one llama_context::decode: the slot of its batch in, and out on return;
+// and, for the decode that verifies a draft under LLAMA_ORTHRUS_EXACT_VERIFY, the CPU
+// reference kernels on, and off on return.
 class llama_orthrus_graph_scope {
 public:
     llama_orthrus_graph_scope(llama_context & ctx, uint32_t n_tokens);
@@ -75,4 +77,5 @@ public:
 private:
     llama_context & ctx;
     llama_orthrus_graph_slot * slot = nullptr;
+    bool exact = false;
 };

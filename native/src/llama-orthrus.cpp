@@ -27,12 +27,22 @@ int32_t llama_context::get_orthrus_n_outputs() const {
     return (int32_t) n_outputs;
 }
 
-void llama_context::set_orthrus_exact(bool value) {
-    orthrus_exact = value;
+// EXACT_ALL keeps the reference mode on between forwards (and leaving it turns it off);
+// EXACT_VERIFY switches it on around each verify only. Otherwise the mode stays as the
+// backend started (GGML_CPU_USE_REF).
+void llama_context::set_orthrus_exact(int32_t mode) {
+    if (mode == LLAMA_ORTHRUS_EXACT_ALL || orthrus_exact == LLAMA_ORTHRUS_EXACT_ALL) {
+        orthrus_cpu_use_ref(mode == LLAMA_ORTHRUS_EXACT_ALL);
+    }
+    orthrus_exact = mode;
 }
 
-bool llama_context::get_orthrus_exact() const {
+int32_t llama_context::get_orthrus_exact() const {
     return orthrus_exact;
+}
+
+void llama_context::set_orthrus_exact_next(bool value) {
+    orthrus_exact_next = value;
 }
 
 // The CPU backend's reference mode (ggml_backend_cpu_set_use_ref, read at each compute, so
@@ -197,6 +207,10 @@ int32_t llama_orthrus_draft(llama_context * ctx, llama_seq_id seq, llama_token t
     ctx->set_causal_attn(causal_org);
     ctx->set_orthrus_view(view_org);
 
+    // a loop that verifies with its own llama_decode (llama-cpp-python's Llama, llama-server)
+    // gets its verify on the exact kernels too (llama_orthrus_graph_scope)
+    ctx->set_orthrus_exact_next(status == LLAMA_ORTHRUS_OK);
+
     return status;
 }
 
@@ -222,7 +236,7 @@ int32_t llama_orthrus_verify(llama_context * ctx, llama_seq_id seq, const llama_
     ctx->set_causal_attn(true);
 
     // exact: the verify on batch-invariant kernels, so that its rows equal one-token forwards
-    const bool exact = ctx->get_orthrus_exact();
+    const bool exact = ctx->get_orthrus_exact() == LLAMA_ORTHRUS_EXACT_VERIFY;
     if (exact) {
         ctx->orthrus_cpu_use_ref(true);
     }
@@ -297,7 +311,10 @@ extern "C" int32_t llama_orthrus_set_exact(llama_context * ctx, int32_t exact) {
     if (ctx == nullptr) {
         return LLAMA_ORTHRUS_ERR_ARG;
     }
-    ctx->set_orthrus_exact(exact != 0);
+    if (exact < LLAMA_ORTHRUS_EXACT_OFF || exact > LLAMA_ORTHRUS_EXACT_ALL) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    ctx->set_orthrus_exact(exact);
     return LLAMA_ORTHRUS_OK;
 }
 
