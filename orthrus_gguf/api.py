@@ -25,7 +25,7 @@ import numpy as np
 from .convert.info import check_gguf_file
 from .decode import Stats, Step, TokenLogprob, decode
 from .errors import OrthrusError
-from .native import NativeModel, exact_mode, set_verbose
+from .native import Grammar, NativeModel, exact_mode, set_verbose
 from .policy import CALIBRATION_PASSES, ARPolicy, AutoPolicy, FixedPolicy, calibration_cost, warm_widths
 from .sampling import DEFAULTS, Sampler
 
@@ -36,7 +36,7 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "fr
 # Llama.create_completion / create_chat_completion parameters Orthrus has no equivalent for:
 # refused unless left at the value that means "off"
 _UNSUPPORTED = {"suffix": None, "echo": False, "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0,
-                "stopping_criteria": None, "logits_processor": None, "grammar": None,
+                "stopping_criteria": None, "logits_processor": None,
                 "functions": None, "function_call": None, "tools": None, "tool_choice": None,
                 "response_format": None}
 
@@ -235,11 +235,12 @@ class Orthrus:
         return s
 
     def steps(self, prompt, max_tokens: int | None = 256, *, stop=None, mode: str = "orthrus",
-              block_size=None, logprobs: int | None = None, temperature: float = 0.0, **sampling
-              ) -> Iterator[Piece]:
+              block_size=None, logprobs: int | None = None, temperature: float = 0.0, grammar=None,
+              **sampling) -> Iterator[Piece]:
         """The step stream: one Piece per decoding step, the finish reason on the last.
         Sampling parameters are llama.cpp's (sampling.Sampler; its defaults where not given);
-        temperature 0 is greedy, where Orthrus output equals mode="ar" token for token."""
+        temperature 0 is greedy, where Orthrus output equals mode="ar" token for token.
+        grammar: GBNF text or a llama_cpp.LlamaGrammar; drafts are then kept by token matching."""
         if mode not in MODES:
             raise OrthrusError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         for k in sampling:
@@ -266,14 +267,25 @@ class Orthrus:
         stops = [s for s in stop or [] if s]  # an empty stop string would match everywhere
         sampler = self._sampler(dict(sampling, temperature=temperature))
         policy = self._policy(mode, block_size)
-        return self._pieces(ids, max_tokens, sampler, policy, stops, logprobs)
+        if grammar is not None:
+            gbnf, root = (grammar, "root") if isinstance(grammar, str) else \
+                (getattr(grammar, "_grammar", None), getattr(grammar, "_root", "root"))
+            grammar = Grammar(self._nm, gbnf, root)
+        return self._pieces(ids, max_tokens, sampler, policy, stops, logprobs, grammar)
 
-    def _pieces(self, ids, max_tokens, sampler, policy, stops, logprobs) -> Iterator[Piece]:
+    def _pieces(self, ids, max_tokens, sampler, policy, stops, logprobs, grammar) -> Iterator[Piece]:
+        try:
+            yield from self._text(ids, max_tokens, sampler, policy, stops, logprobs, grammar)
+        finally:
+            if grammar is not None:
+                grammar.close()
+
+    def _text(self, ids, max_tokens, sampler, policy, stops, logprobs, grammar) -> Iterator[Piece]:
         nm = self._nm
         hold = max((len(s) for s in stops), default=1) - 1
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, sent, n_out = "", 0, 0
-        for step in decode(nm, ids, max_tokens, sampler, policy, nm.is_eog, logprobs):
+        for step in decode(nm, ids, max_tokens, sampler, policy, nm.is_eog, logprobs, grammar):
             n_out += len(step.tokens)
             eog = nm.is_eog(step.tokens[-1])
             text += utf8.decode(b"".join(nm.token_bytes(t) for t in step.tokens if not nm.is_eog(t)))
@@ -354,7 +366,7 @@ class Orthrus:
                           logprobs: int | None = None, stop=None, frequency_penalty: float = 0.0,
                           presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
                           top_k: int = DEFAULTS["top_k"], stream: bool = False, seed: int | None = None,
-                          model: str | None = None, logit_bias: dict | None = None,
+                          model: str | None = None, logit_bias: dict | None = None, grammar=None,
                           mode: str = "orthrus", block_size=None, **unsupported):
         """llama_cpp.Llama.create_completion's arguments (its defaults) and return shapes
         (stream=True: an iterator of chunks); `logprobs` come from the verify rows."""
@@ -362,7 +374,7 @@ class Orthrus:
         kw = dict(stop=stop, mode=mode, block_size=block_size, logprobs=logprobs, temperature=temperature,
                   top_p=top_p, min_p=min_p, top_k=top_k, frequency_penalty=frequency_penalty,
                   presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed,
-                  logit_bias=logit_bias)
+                  logit_bias=logit_bias, grammar=grammar)
         head = self._head("text", model)
         pieces = self.steps(prompt, max_tokens, **kw)
         if stream:
@@ -395,8 +407,8 @@ class Orthrus:
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                repeat_penalty: float = 1.0, model: str | None = None,
                                logit_bias: dict | None = None, logprobs: bool | None = None,
-                               top_logprobs: int | None = None, mode: str = "orthrus", block_size=None,
-                               **unsupported):
+                               top_logprobs: int | None = None, grammar=None, mode: str = "orthrus",
+                               block_size=None, **unsupported):
         """llama_cpp.Llama.create_chat_completion's arguments (its defaults) and shapes, with
         the GGUF's chat template."""
         _unsupported(unsupported)
@@ -405,7 +417,7 @@ class Orthrus:
         kw = dict(stop=stop, mode=mode, block_size=block_size, logprobs=n_top, temperature=temperature,
                   top_p=top_p, min_p=min_p, top_k=top_k, frequency_penalty=frequency_penalty,
                   presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed,
-                  logit_bias=logit_bias)
+                  logit_bias=logit_bias, grammar=grammar)
         head = self._head("chat", model)
         pieces = self.steps(prompt, max_tokens, **kw)
         if stream:

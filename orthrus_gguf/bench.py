@@ -143,6 +143,33 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ prefix cache
+
+def prefix_cache_parity(model: str | Path, prompts: dict[str, list[str]], max_tokens: int = 32,
+                        n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
+                        exact_modes=("verify", "all"), progress=None) -> dict:
+    """How often a cached call equals a fresh object's call: for each prompt, generate, then
+    extend the prompt by the output and a newline and generate again on the same object
+    (prefix reused) and on a second object from an empty cache; greedy, per exact mode."""
+    say = progress or (lambda msg: None)
+    texts = [t for group in prompts.values() for t in group]
+    out = {"model": str(model), "max_tokens": max_tokens, "prompts": len(texts), "identical": {}}
+    for exact in exact_modes:
+        say(f"prefix cache, exact={exact}: {len(texts)} prompts …")
+        kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, exact=exact)
+        with Orthrus(model, **kw) as a, Orthrus(model, **kw) as b:
+            same = 0
+            for t in texts:
+                a.reset()
+                first = a.generate(t, max_tokens=max_tokens)
+                ids = a.tokenize(t, special=True) + first.tokens + a.tokenize("\n")
+                cached = a.generate(ids, max_tokens=max_tokens)
+                b.reset()
+                same += cached.tokens == b.generate(ids, max_tokens=max_tokens).tokens
+        out["identical"][exact] = f"{same}/{len(texts)}"
+    return out
+
+
 # ------------------------------------------------------------------ forward costs
 
 def cost_table(nm, widths=None, rounds: int = 5, n: int = 4, context: int = 64) -> dict:

@@ -136,13 +136,25 @@ def generate(model, n_ctx, threads, n_gpu_layers, prompt, chat, max_tokens, temp
               help="also the forward cost table by width (draft, verify, alternating vs back to back) and prefill speed")
 @click.option("--graph-slots", type=click.IntRange(0, 256), default=None,
               help="kinds of batch with a kept graph (default 16; 0: llama.cpp's single graph)")
+@click.option("--prefix-cache", is_flag=True,
+              help="instead: how often a call on a reused prefix equals a fresh call, per exact mode")
 def bench(model, n_ctx, threads, n_gpu_layers, prompts, max_tokens, block_sizes, chat, json_out, plot, costs,
-          graph_slots):
+          graph_slots, prefix_cache):
     """AR against Orthrus on the same prompts, in one process: speed, acceptance, identity."""
     import json
     from pathlib import Path
 
-    from .bench import format_costs, format_report, load_prompts, plot_costs, plot_report, run_bench
+    from .bench import (format_costs, format_report, load_prompts, plot_costs, plot_report,
+                        prefix_cache_parity, run_bench)
+    if prefix_cache:
+        rep = prefix_cache_parity(model, load_prompts(prompts), max_tokens, n_ctx, threads, n_gpu_layers,
+                                  progress=lambda msg: click.echo(msg, err=True))
+        for exact, same in rep["identical"].items():
+            click.echo(f"exact={exact}: cached call = fresh call on {same} prompts")
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(rep, f, indent=2)
+        return
     blocks = [block_option(b) for b in block_sizes] if block_sizes else [None, "auto"]
     rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, n_ctx, threads, n_gpu_layers, chat,
                     costs=costs, graph_slots=graph_slots, progress=lambda msg: click.echo(msg, err=True))

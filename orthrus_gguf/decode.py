@@ -131,11 +131,23 @@ def _logprobs(nm: NativeModel, tokens: list[int], n_top: int) -> tuple[TokenLogp
                  for i, t in enumerate(tokens))
 
 
+def _matched(sampler: Sampler, grammar, rows: np.ndarray, hist: list[int], d: np.ndarray) -> tuple[int, int]:
+    """Token matching under a grammar: row i's token, chosen from the tokens the grammar
+    allows after d[:i], keeps draft i if equal; returns (accepted, next token)."""
+    for i in range(d.size + 1):
+        x = sampler.choose(rows[i], hist + [int(v) for v in d[:i]], grammar.allowed())
+        grammar.accept(x)
+        if i == d.size or x != d[i]:
+            return i, x
+    raise AssertionError("unreachable")
+
+
 def decode(nm: NativeModel, prompt: list[int], max_tokens: int, sampler: Sampler, policy,
-           is_eog: Callable[[int], bool], logprobs: int | None = None) -> Iterator[Step]:
+           is_eog: Callable[[int], bool], logprobs: int | None = None, grammar=None) -> Iterator[Step]:
     """Yield one Step per forward pair; `policy` (policy.py) picks each step's block,
     ARPolicy giving plain AR decoding (one token per forward). The cache keeps what it held
-    of `prompt` (NativeModel.reuse_prefix) and ends holding prompt + output but the last token."""
+    of `prompt` (NativeModel.reuse_prefix) and ends holding prompt + output but the last token.
+    `grammar` (native.Grammar): only tokens it allows, drafts kept by token matching."""
     clock = time.perf_counter
     t0 = clock()
     lease = nm.lease()
@@ -143,7 +155,10 @@ def decode(nm: NativeModel, prompt: list[int], max_tokens: int, sampler: Sampler
     nm.prefill(prompt[cached:], cached)
     t1 = clock()
     hist = list(prompt)
-    if sampler.plain:
+    if grammar is not None:
+        t = sampler.choose(nm.logits(1)[0], hist, grammar.allowed())
+        grammar.accept(t)
+    elif sampler.plain:
         t = int(nm.argmax(1)[0])
     else:
         t = int(sampler.sample_rows(nm.logits(1), hist, 1)[0][0])
@@ -163,7 +178,7 @@ def decode(nm: NativeModel, prompt: list[int], max_tokens: int, sampler: Sampler
         if b >= 2:
             nm.draft(t, p, b)
             t1 = clock()
-            if sampler.plain:
+            if sampler.plain or grammar is not None:  # token matching takes any proposal
                 d = nm.argmax(b - 1)
             else:
                 d, q = sampler.sample_rows(nm.logits(b - 1), hist, b - 1)
@@ -171,7 +186,9 @@ def decode(nm: NativeModel, prompt: list[int], max_tokens: int, sampler: Sampler
         t2 = clock()
         nm.verify(np.concatenate([[t], d]).astype(np.int32), p)
         t3 = clock()
-        if sampler.plain:
+        if grammar is not None:
+            n, nxt = _matched(sampler, grammar, nm.logits(d.size + 1), hist, d)
+        elif sampler.plain:
             a = nm.argmax(d.size + 1)
             n = _first_mismatch(d, a)
             nxt = int(a[n])

@@ -513,3 +513,48 @@ class NativeModel:
     @view.setter
     def view(self, v: int) -> None:
         check(self.n.orthrus_set_view(self.ctx, v), f"set view {v}")
+
+
+class Grammar:
+    """llama.cpp's GBNF grammar sampler over a model's vocabulary: allowed() is the set of
+    tokens that may come next, accept(token) advances it. One per generation."""
+
+    # struct llama_token_data {llama_token id; float logit; float p;}
+    _DTYPE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+    def __init__(self, nm: NativeModel, gbnf: str, root: str = "root"):
+        self._lc = lc = nm.n.llama_cpp
+        self._smpl = None
+        if not isinstance(gbnf, str) or not gbnf.strip():
+            raise OrthrusError("grammar must be a GBNF string (or a llama_cpp.LlamaGrammar)")
+        self._smpl = lc.llama_sampler_init_grammar(nm._vocab, gbnf.encode(), root.encode())
+        if not self._smpl:
+            raise OrthrusError("the grammar does not parse as llama.cpp GBNF "
+                               "(ORTHRUS_GGUF_VERBOSE=1 shows llama.cpp's message)")
+        self._data = np.zeros(nm.n_vocab, dtype=self._DTYPE)
+        self._ids = np.arange(nm.n_vocab, dtype=np.int32)
+
+    def allowed(self) -> np.ndarray:
+        """Boolean [n_vocab]: the tokens the grammar accepts next."""
+        lc, d = self._lc, self._data
+        d["id"], d["logit"], d["p"] = self._ids, 0.0, 0.0
+        arr = lc.llama_token_data_array(data=d.ctypes.data_as(lc.llama_token_data_p), size=d.size,
+                                        selected=-1, sorted=False)
+        lc.llama_sampler_apply(self._smpl, ctypes.byref(arr))
+        ok = np.zeros(d.size, dtype=bool)
+        ok[d["id"][:arr.size]] = np.isfinite(d["logit"][:arr.size])
+        return ok
+
+    def accept(self, token: int) -> None:
+        self._lc.llama_sampler_accept(self._smpl, int(token))
+
+    def close(self) -> None:
+        if self._smpl:
+            self._lc.llama_sampler_free(self._smpl)
+            self._smpl = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -6,7 +6,9 @@ llama-cpp-python's `Llama`): logit bias, repetition penalties over the last
 softmax of what is left. Temperature 0 is greedy: the argmax after bias and penalties.
 
 The draft rows (q) and the verify rows (p) go through the same chain, so speculative
-sampling against q is exact for p. Row i of a block [t, d0, d1, ...] predicts the token after
+sampling against q is exact for p. A grammar masks the tokens it rejects after the
+penalties (llama-cpp-python's place for it); with one, decode.py accepts drafts by token
+matching, row by row, as llama-server does. Row i of a block [t, d0, d1, ...] predicts the token after
 d[:i]: its penalty window is the history followed by d[:i]. Nothing here loops over the
 vocabulary in Python.
 """
@@ -106,8 +108,8 @@ class Sampler:
 
     # ------------------------------------------------------------ the chain
 
-    def adjust(self, logits: np.ndarray, history, drafts=()) -> np.ndarray:
-        """Rows [n, V] after logit bias and penalties (float64; a copy)."""
+    def adjust(self, logits: np.ndarray, history, drafts=(), allowed: np.ndarray | None = None) -> np.ndarray:
+        """Rows [n, V] after logit bias, penalties and a grammar's allowed set (float64; a copy)."""
         x = np.array(logits, dtype=np.float64, ndmin=2)
         ids, vals = self._bias
         if ids.size:
@@ -122,11 +124,13 @@ class Sampler:
                 row = x[i, tok]
                 row = np.where(row <= 0, row * self.repeat_penalty, row / self.repeat_penalty)
                 x[i, tok] = row - cnt * self.frequency_penalty - self.presence_penalty
+        if allowed is not None:  # the grammar, where llama-cpp-python's chain has it
+            x[:, ~allowed] = -np.inf
         return x
 
-    def probs(self, logits: np.ndarray, history=(), drafts=()) -> np.ndarray:
+    def probs(self, logits: np.ndarray, history=(), drafts=(), allowed: np.ndarray | None = None) -> np.ndarray:
         """The chain's distribution for rows [n, V] (float64, for exact accept ratios)."""
-        x = self.adjust(logits, history, drafts)
+        x = self.adjust(logits, history, drafts, allowed)
         v = x.shape[-1]
         if 0 < self.top_k < v:  # exactly k kept
             drop = np.argpartition(-x, self.top_k - 1, axis=-1)[:, self.top_k:]
@@ -142,9 +146,15 @@ class Sampler:
             x = np.where(x >= x.max(-1, keepdims=True) + math.log(self.min_p), x, -np.inf)
         return _softmax(x / self.temperature)
 
-    def pick(self, logits: np.ndarray, history=(), drafts=()) -> np.ndarray:
+    def pick(self, logits: np.ndarray, history=(), drafts=(), allowed: np.ndarray | None = None) -> np.ndarray:
         """Greedy choice of each row (ties: the lowest id), after bias and penalties."""
-        return self.adjust(logits, history, drafts).argmax(-1)
+        return self.adjust(logits, history, drafts, allowed).argmax(-1)
+
+    def choose(self, row: np.ndarray, history, allowed: np.ndarray | None = None) -> int:
+        """One token for one row [V] after `history`: greedy or a draw from the chain."""
+        if self.greedy:
+            return int(self.pick(row[None], history, (), allowed)[0])
+        return int(self.draw(self.probs(row[None], history, (), allowed))[0])
 
     def draw(self, p: np.ndarray) -> np.ndarray:
         """One sample from each row of probabilities [n, V] (inverse CDF, vectorised)."""

@@ -230,3 +230,32 @@ def test_defaults_are_llamas():
         for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
                   "presence_penalty", "max_tokens", "seed"):
             assert ours[k].default == theirs[k].default, (name, k)
+
+
+GRAMMAR = r'''root ::= "The answer is " [0-9]+ ("." [0-9])? "\n" [a-z ]+'''
+
+
+def test_grammar_constrains_and_matches_llama(tiny_path):
+    """A GBNF grammar: Orthrus keeps drafts by token matching and its greedy text equals
+    mode="ar" and llama_cpp.Llama with the same grammar (exact kernels on both)."""
+    from llama_cpp import LlamaGrammar
+    prompt = "Q: 97 * 30 = ?\nA:"
+    with Orthrus(tiny_path, n_ctx=512, n_threads=2, exact="all", block_size=8) as o:
+        ours = o.generate(prompt, max_tokens=24, grammar=GRAMMAR)
+        o.reset()
+        ar = o.generate(prompt, max_tokens=24, grammar=LlamaGrammar.from_string(GRAMMAR, verbose=False), mode="ar")
+        sampled = o.generate(prompt, max_tokens=24, grammar=GRAMMAR, temperature=1.0, seed=1)
+        with pytest.raises(OrthrusError, match="does not parse as llama.cpp GBNF"):
+            o.generate(prompt, max_tokens=4, grammar="root ::= (")
+    assert ours.text.startswith("The answer is ") and ours.text[14].isdigit(), ours.text
+    assert sampled.text.startswith("The answer is ")
+    assert ours.tokens == ar.tokens
+    assert any(s["block"] >= 2 for s in ours.stats["steps_detail"])
+    plain = Llama(model_path=str(tiny_path), n_ctx=512, n_threads=2, verbose=False)
+    set_exact(plain, "all")
+    try:
+        theirs = plain.create_completion(prompt, max_tokens=24, temperature=0,
+                                         grammar=LlamaGrammar.from_string(GRAMMAR, verbose=False))
+    finally:
+        plain.close()
+    assert theirs["choices"][0]["text"] == ours.text

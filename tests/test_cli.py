@@ -81,3 +81,17 @@ def test_gpu_check_cpu_path(tmp_path):
     assert "tiny_auto_speedup_min" in rep["met"]
     assert (tmp_path / "gpu_check.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_bench_prefix_cache(tiny_gguf, tmp_path):
+    """--prefix-cache compares calls on a reused prefix with fresh calls: with every forward on
+    the exact kernels they always agree."""
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["def f(x):", "Q: 1 + 2 = ?\nA:"]))
+    out = tmp_path / "r.json"
+    r = cli("bench", "-m", tiny_gguf("f32", tied=False), "--prompts", prompts, "-n", 12, "--threads", 2,
+            "--prefix-cache", "--json", out)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["identical"]["all"] == "2/2" and set(rep["identical"]) == {"verify", "all"}
+    assert "exact=all: cached call = fresh call on 2/2 prompts" in r.stdout
