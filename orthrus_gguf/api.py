@@ -59,6 +59,19 @@ class Piece:
     finish_reason: str | None = None
 
 
+def _fold(pieces, mode: str, steps: list | None = None) -> tuple[Stats, str, list[TokenLogprob], str]:
+    """A generation's pieces folded: stats, text, logprobs, finish reason (and its steps)."""
+    stats, text, lps, finish = Stats(mode), [], [], "length"
+    for piece in pieces:
+        stats.add(piece.step)
+        text.append(piece.text)
+        lps.extend(piece.step.logprobs or ())
+        finish = piece.finish_reason or finish
+        if steps is not None:
+            steps.append(piece.step)
+    return stats, "".join(text), lps, finish
+
+
 def _unsupported(kw: dict) -> None:
     for k, v in kw.items():
         if k not in _UNSUPPORTED:
@@ -304,20 +317,12 @@ class Orthrus:
         """Complete `prompt` (text or token ids); see steps() for the arguments. Greedy
         (temperature 0, the default) is lossless: the tokens equal mode="ar"; temperature > 0
         samples exactly the AR distribution (`rule`: "speculative" sampling, or "match")."""
-        stats = Stats(kw.get("mode", "orthrus"))
-        pieces, tokens, lps, finish, detail = [], [], [], "length", []
-        for piece in self.steps(prompt, max_tokens, **kw):
-            pieces.append(piece.text)
-            tokens.extend(piece.step.tokens)
-            stats.add(piece.step)
-            if piece.step.logprobs is not None:
-                lps.extend(piece.step.logprobs)
-            if piece.step.block:
-                detail.append({"block": piece.step.block, "drafted": piece.step.drafted,
-                               "accepted": piece.step.accepted, "reused": piece.step.reused})
-            finish = piece.finish_reason or finish
-        return Result("".join(pieces), tokens, finish, stats.summary() | {"steps_detail": detail},
-                      lps if kw.get("logprobs") is not None else None)
+        steps: list[Step] = []
+        stats, text, lps, finish = _fold(self.steps(prompt, max_tokens, **kw), kw.get("mode", "orthrus"), steps)
+        detail = [{"block": s.block, "drafted": s.drafted, "accepted": s.accepted, "reused": s.reused}
+                  for s in steps if s.block]
+        return Result(text, [t for s in steps for t in s.tokens], finish,
+                      stats.summary() | {"steps_detail": detail}, lps if kw.get("logprobs") is not None else None)
 
     def stream(self, prompt, max_tokens: int | None = 256, **kw) -> Iterator[str]:
         for piece in self.steps(prompt, max_tokens, **kw):
@@ -379,14 +384,9 @@ class Orthrus:
         pieces = self.steps(prompt, max_tokens, **kw)
         if stream:
             return self._completion_chunks(head, pieces, logprobs is not None)
-        stats, text, lps, finish = Stats(mode), [], [], "length"
-        for piece in pieces:
-            stats.add(piece.step)
-            text.append(piece.text)
-            lps.extend(piece.step.logprobs or ())
-            finish = piece.finish_reason or finish
+        stats, text, lps, finish = _fold(pieces, mode)
         return head | {
-            "choices": [{"text": "".join(text), "index": 0, "finish_reason": finish,
+            "choices": [{"text": text, "index": 0, "finish_reason": finish,
                          "logprobs": self._completion_logprobs(lps, 0) if logprobs is not None else None}],
             "usage": self._usage(stats), "orthrus": stats.summary()}
 
@@ -422,14 +422,9 @@ class Orthrus:
         pieces = self.steps(prompt, max_tokens, **kw)
         if stream:
             return self._chat_chunks(head, pieces, n_top is not None)
-        stats, text, lps, finish = Stats(mode), [], [], "length"
-        for piece in pieces:
-            stats.add(piece.step)
-            text.append(piece.text)
-            lps.extend(piece.step.logprobs or ())
-            finish = piece.finish_reason or finish
+        stats, text, lps, finish = _fold(pieces, mode)
         return head | {
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": self._chat_logprobs(lps) if n_top is not None else None,
                          "finish_reason": finish}],
             "usage": self._usage(stats), "orthrus": stats.summary()}

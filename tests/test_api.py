@@ -259,3 +259,10 @@ def test_grammar_constrains_and_matches_llama(tiny_path):
     finally:
         plain.close()
     assert theirs["choices"][0]["text"] == ours.text
+    llm = OrthrusDraft.llama(tiny_path, block_size=8, exact="all", n_ctx=512, n_threads=2, verbose=False)
+    try:  # and Llama with Orthrus drafting under the same grammar
+        drafted = llm.create_completion(prompt, max_tokens=24, temperature=0,
+                                        grammar=LlamaGrammar.from_string(GRAMMAR, verbose=False))
+    finally:
+        llm.close()
+    assert drafted["choices"][0]["text"] == ours.text
