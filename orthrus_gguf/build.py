@@ -71,8 +71,8 @@ def data_root() -> Path:
             return root
     raise OrthrusError(
         f"patches/ and native/ not found next to {here} (looked in {here.parent} and "
-        f"{here / '_native_data'}): `orthrus-gguf build` needs the source checkout; install "
-        "it with `pip install -e .` from a clone of the repository")
+        f"{here / '_native_data'}): the installation is incomplete; reinstall orthrus-gguf "
+        "(a wheel or sdist carries them) or run from a clone of the repository")
 
 
 def patch_files(root: Path | None = None) -> list[Path]:

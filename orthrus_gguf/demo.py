@@ -7,13 +7,14 @@ from pathlib import Path
 
 from .errors import OrthrusError
 
-EMBEDDED = Path(__file__).resolve().parent.parent / "models" / "orthrus-tiny"
-
-
 def embedded_model() -> Path:
-    if not (EMBEDDED / "config.json").is_file():
-        raise OrthrusError(f"the embedded model is missing at {EMBEDDED}: run from a clone of the repository")
-    return EMBEDDED
+    """models/orthrus-tiny: in the checkout, or where a wheel packs it (build.data_root)."""
+    from .build import data_root
+    model = data_root() / "models" / "orthrus-tiny"
+    if not (model / "config.json").is_file():
+        raise OrthrusError(f"the embedded model is missing at {model}: reinstall orthrus-gguf or "
+                           f"restore models/ in the checkout")
+    return model
 
 
 def converted(model: Path, outtype: str) -> Path:

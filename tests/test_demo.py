@@ -40,8 +40,6 @@ def test_llama_cpp_f16_accepts_like_the_reference(prompts):
 
 
 def test_demo_prints_the_table(capsys, monkeypatch, prompts, tmp_path):
-    import orthrus_gguf.demo as demo
-    monkeypatch.setattr(demo, "EMBEDDED", embedded_model())
     import orthrus_gguf.bench as bench
     real = bench.load_prompts
     monkeypatch.setattr(bench, "load_prompts", lambda path: {k: v[:2] for k, v in real(path).items()})
