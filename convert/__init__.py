@@ -5,10 +5,18 @@ from pathlib import Path
 
 
 def convert(model: str | Path, out: str | Path | None = None, outtype: str = "f16",
-            force: bool = False, progress: bool = True) -> Path:
-    """Convert MODEL (directory or hub id) to OUT; outtype f32/f16/bf16/q8_0 or a llama-quantize type."""
+            force: bool = False, progress: bool = True, revision: str | None = None,
+            token: str | bool | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Convert MODEL (directory or hub id, at `revision`, with `token` and `cache_dir` for the
+    hub) to OUT (default: NAME-OUTTYPE.gguf, NAME the repo's or directory's name); outtype
+    f32/f16/bf16/q8_0, "auto" (the checkpoint's own float type) or a llama-quantize type."""
+    from ..checkpoint import Checkpoint, locate
+    from .quantize import LOSSLESS
     from .writer import OUTTYPES, convert_checkpoint
+    src = locate(model, revision, token, cache_dir)
+    if outtype == "auto":
+        outtype = LOSSLESS.get(Checkpoint(src.path).config.torch_dtype, "f16")
     if outtype in OUTTYPES:
-        return convert_checkpoint(model, out, outtype, force, progress)
+        return convert_checkpoint(src, out, outtype, force, progress)
     from .quantize import convert_quantized
-    return convert_quantized(model, out, outtype, force, progress)
+    return convert_quantized(src, out, outtype, force, progress)

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, resolve
+from ..checkpoint import Checkpoint, locate
 from ..errors import OrthrusError
 from .writer import convert_checkpoint
 
@@ -33,12 +33,13 @@ def convert_quantized(model, out, qtype: str, force: bool = False, progress: boo
         from .writer import OUTTYPES
         raise OrthrusError(f"unknown --outtype {qtype!r}; expected one of "
                            f"{', '.join(list(OUTTYPES) + list(QUANT_TYPES))}")
-    src = resolve(str(model))
-    out = Path(out) if out else Path(f"{src.name}-{qtype}.gguf")
+    from .writer import default_outfile
+    src = locate(model)
+    out = Path(out) if out else default_outfile(src, qtype)
     if out.exists() and not force:
         raise OrthrusError(f"{out}: already exists; pass --force to overwrite it")
     tool = llama_quantize()  # before any work: a missing build is the first thing to say
-    base_type = LOSSLESS[Checkpoint(src).config.torch_dtype]
+    base_type = LOSSLESS[Checkpoint(src.path).config.torch_dtype]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".orthrus-quant-", dir=out.parent) as tmp:
         base = convert_checkpoint(src, Path(tmp) / f"base-{base_type}.gguf", base_type, progress=progress)

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter
 from gguf.quants import quantize
 
-from ..checkpoint import Checkpoint, resolve
+from ..checkpoint import Checkpoint, Source, locate
 from ..errors import OrthrusError
 from . import schema
 from .vocab import add_tokenizer
@@ -84,9 +84,13 @@ def gguf_writer(out: Path, tensors: list[tuple[str, tuple[int, ...], QT]], metad
         raise
 
 
-def write_hparams(w: GGUFWriter, ckpt: Checkpoint, file_type: int, name: str) -> None:
+def write_hparams(w: GGUFWriter, ckpt: Checkpoint, file_type: int, src: Source) -> None:
     c = ckpt.config
-    w.add_name(name)
+    w.add_name(src.name)
+    w.add_basename(src.name)
+    if src.repo_id:  # general.* as llama.cpp's converter fills them from a hub id
+        w.add_organization(src.repo_id.split("/", 1)[0])
+        w.add_source_repo_url(f"https://huggingface.co/{src.repo_id}")
     w.add_file_type(file_type)
     w.add_quantization_version(2)
     for key, (attr, vtype) in schema.HPARAM_KEYS.items():
@@ -94,14 +98,20 @@ def write_hparams(w: GGUFWriter, ckpt: Checkpoint, file_type: int, name: str) ->
         getattr(w, f"add_{vtype}")(schema.gguf_key(key), int(value) if vtype == "uint32" else float(value))
 
 
-def convert_checkpoint(model: str | Path, out: str | Path | None = None, outtype: str = "f16",
+def default_outfile(src: Source, outtype: str) -> Path:
+    """llama.cpp's naming: the model's name, then the type in capitals (Name-Q4_K_M.gguf)."""
+    return Path(f"{src.name}-{outtype.upper()}.gguf")
+
+
+def convert_checkpoint(model, out: str | Path | None = None, outtype: str = "f16",
                        force: bool = False, progress: bool = True) -> Path:
-    """Convert a local checkpoint directory or hub id to an orthrus-qwen3 GGUF; returns its path."""
+    """Convert a local checkpoint directory, hub id or Source to an orthrus-qwen3 GGUF;
+    returns its path."""
     if outtype not in OUTTYPES:
         raise OrthrusError(f"unknown --outtype {outtype!r}; expected one of {', '.join(OUTTYPES)}")
-    src = resolve(str(model))
-    ckpt = Checkpoint(src)
-    out = Path(out) if out else Path(f"{src.name}-{outtype}.gguf")
+    src = locate(model)
+    ckpt = Checkpoint(src.path)
+    out = Path(out) if out else default_outfile(src, outtype)
     if out.is_dir():
         raise OrthrusError(f"{out}: is a directory; give a file name for the GGUF")
     if out.exists() and not force:
@@ -115,8 +125,8 @@ def convert_checkpoint(model: str | Path, out: str | Path | None = None, outtype
             for hf, gg in sorted(names.items(), key=lambda kv: str(ckpt.table[kv[0]].file))]
 
     def metadata(w):
-        write_hparams(w, ckpt, file_type, src.name)
-        add_tokenizer(w, src, ckpt.config)
+        write_hparams(w, ckpt, file_type, src)
+        add_tokenizer(w, src.path, ckpt.config)
 
     with gguf_writer(out, [(gg, shape, qt) for _, gg, shape, qt in plan], metadata) as w:
         types = {hf: qt for hf, _, _, qt in plan}

@@ -32,23 +32,44 @@ class TensorInfo:
     file: Path
 
 
-def resolve(model: str) -> Path:
-    """A local checkpoint directory, or a hub id fetched (or found in the cache) by huggingface_hub."""
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint came from: its directory, its name (the hub repo's name, or the
+    directory's), and for a hub id the repo and the revision asked for."""
+    path: Path
+    name: str
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+def locate(model, revision: str | None = None, token: str | bool | None = None,
+           cache_dir: str | Path | None = None) -> Source:
+    """A local checkpoint directory, or a hub id fetched (or found in the cache) by
+    huggingface_hub at `revision` (a branch, tag or commit), with `token` and `cache_dir`."""
+    if isinstance(model, Source):
+        return model
+    model = str(model)
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir():
             raise OrthrusError(f"{model}: not a directory (expected a Hugging Face checkpoint "
                                f"directory with config.json and *.safetensors, or a hub id)")
-        return p
+        if revision is not None:
+            raise OrthrusError(f"{model}: --revision applies to hub ids, not to a local directory")
+        return Source(p, p.resolve().name)
     if not HUB_ID.match(model):
         raise OrthrusError(f"{model}: no such directory, and not a hub id of the form owner/name")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(repo_id=model, allow_patterns=HUB_PATTERNS))
+        path = snapshot_download(repo_id=model, revision=revision, token=token,
+                                 cache_dir=None if cache_dir is None else str(cache_dir),
+                                 allow_patterns=HUB_PATTERNS)
     except Exception as e:  # network, auth, offline-and-not-cached: all the same to the user
-        raise OrthrusError(f"{model}: could not fetch from the Hugging Face hub "
-                           f"({type(e).__name__}: {e}). Check the id, your network or "
-                           f"HF_HUB_OFFLINE, or pass a local directory") from None
+        at = f" at revision {revision!r}" if revision else ""
+        raise OrthrusError(f"{model}{at}: could not fetch from the Hugging Face hub "
+                           f"({type(e).__name__}: {e}). Check the id, the revision, your network, "
+                           f"the token or HF_HUB_OFFLINE, or pass a local directory") from None
+    return Source(Path(path), model.split("/", 1)[1], model, revision)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

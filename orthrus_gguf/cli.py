@@ -28,14 +28,21 @@ def main():
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--out", type=click.Path(dir_okay=False), help="output GGUF (default: NAME-OUTTYPE.gguf)")
+@click.option("-o", "--outfile", "--out", "out", type=click.Path(dir_okay=False),
+              help="output GGUF (default: NAME-OUTTYPE.gguf, NAME the hub repo's or directory's name)")
 @click.option("--outtype", default="f16", show_default=True,
-              help="f32, f16, bf16, q8_0, or a llama-quantize type (q4_k_m, q5_k_m, q6_k, q4_0, …)")
+              help="f32, f16, bf16, q8_0, auto (the checkpoint's float type), or a llama-quantize "
+                   "type (q4_k_m, q5_k_m, q6_k, q4_0, …)")
+@click.option("--revision", default=None, help="hub ids: a branch, tag or commit (default: main)")
+@click.option("--token", default=None, help="hub ids: a Hugging Face token (default: the logged-in one / HF_TOKEN)")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="hub ids: the download cache (default: huggingface_hub's)")
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
-def convert(model, out, outtype, force):
+def convert(model, out, outtype, revision, token, cache_dir, force):
     """Convert an Orthrus-Qwen3 checkpoint (local directory or hub id) to GGUF."""
     from .convert import convert
-    path = convert(model, out, outtype.lower(), force=force)
+    path = convert(model, out, outtype.lower(), force=force, revision=revision, token=token,
+                   cache_dir=cache_dir)
     click.echo(f"wrote {path}")
 
 

@@ -116,6 +116,69 @@ def test_hub_id_from_prefilled_cache(tiny_ckpt, tmp_path, monkeypatch):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def fake_hub_cache(root, src, repo="someone/Orthrus-Tiny", refs=("main",)):
+    """A huggingface_hub cache holding `repo` at each ref (one snapshot per ref)."""
+    d = root / f"models--{repo.replace('/', '--')}"
+    (d / "refs").mkdir(parents=True, exist_ok=True)
+    for i, ref in enumerate(refs):
+        commit = f"{i + 1:x}" * 40
+        shutil.copytree(src, d / "snapshots" / commit)
+        (d / "refs" / ref).write_text(commit)
+    return root
+
+
+def test_hub_id_names_the_output_and_metadata_after_the_repo(tiny_ckpt, tmp_path, monkeypatch):
+    """A hub id's GGUF is NAME-TYPE.gguf and general.name is the repo's name (not the
+    snapshot's commit hash); --cache-dir and --revision pick the snapshot, offline."""
+    cache = fake_hub_cache(tmp_path / "hub", tiny_ckpt(), refs=("main", "v2"))
+    v2 = next((cache / "models--someone--Orthrus-Tiny" / "snapshots").glob("2*"))
+    cfg = json.loads((v2 / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5  # something that tells the revisions apart
+    (v2 / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    out = convert("someone/Orthrus-Tiny", outtype="f16", progress=False, cache_dir=cache)
+    assert out == Path("Orthrus-Tiny-F16.gguf") and out.is_file()
+    fields = read_back(out)[0]
+    assert fields["general.name"] == "Orthrus-Tiny" and fields["general.organization"] == "someone"
+    assert fields["general.source.repo_url"] == "https://huggingface.co/someone/Orthrus-Tiny"
+    out2 = convert("someone/Orthrus-Tiny", tmp_path / "v2.gguf", "f16", progress=False, cache_dir=cache,
+                   revision="v2")
+    assert read_back(out2)[0]["orthrus-qwen3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    assert read_back(out)[0]["orthrus-qwen3.attention.layer_norm_rms_epsilon"] != pytest.approx(1e-5)
+    with pytest.raises(OrthrusError, match="at revision 'v3': could not fetch"):
+        convert("someone/Orthrus-Tiny", tmp_path / "v3.gguf", "f16", progress=False, cache_dir=cache, revision="v3")
+    with pytest.raises(OrthrusError, match="--revision applies to hub ids"):
+        convert(tiny_ckpt(), tmp_path / "l.gguf", "f16", progress=False, revision="v2")
+    # a local directory: its own name, the type in capitals; auto keeps the checkpoint's type
+    assert json.loads((tiny_ckpt() / "config.json").read_text())["torch_dtype"] == "float32"
+    local = convert(tiny_ckpt(), outtype="auto", progress=False)
+    assert local.name == f"{tiny_ckpt().resolve().name}-F32.gguf"
+    assert read_back(local)[1]["token_embd.weight"].tensor_type.name == "F32"
+    assert read_back(local)[0]["general.name"] == tiny_ckpt().resolve().name
+
+
+def test_token_and_revision_reach_huggingface_hub(tiny_ckpt, tmp_path, monkeypatch):
+    """--token / --revision / --cache-dir are handed to snapshot_download as given."""
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        return str(tiny_ckpt())
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    from orthrus_gguf.cli import main
+    from click.testing import CliRunner
+    r = CliRunner().invoke(main, ["convert", "someone/Private-Model", "--token", "hf_x", "--revision", "abc",
+                                  "--cache-dir", str(tmp_path / "c"), "--outfile", str(tmp_path / "p.gguf")])
+    assert r.exit_code == 0, r.output
+    assert seen["repo_id"] == "someone/Private-Model" and seen["token"] == "hf_x"
+    assert seen["revision"] == "abc" and seen["cache_dir"] == str(tmp_path / "c")
+    assert read_back(tmp_path / "p.gguf")[0]["general.name"] == "Private-Model"
+
+
 def test_peak_memory_is_about_one_tensor(tiny_ckpt, tmp_path):
     """Tensors are read and written one at a time: the reader never holds two at once."""
     src = tiny_ckpt()
