@@ -25,7 +25,7 @@ import numpy as np
 from .convert.info import check_gguf_file
 from .decode import Stats, Step, TokenLogprob, decode
 from .errors import OrthrusError
-from .native import Grammar, NativeModel, exact_mode, set_verbose
+from .native import Grammar, NativeModel, exact_mode, offloads, set_verbose
 from .policy import CALIBRATION_PASSES, ARPolicy, AutoPolicy, FixedPolicy, calibration_cost, warm_widths
 from .sampling import DEFAULTS, Sampler
 
@@ -83,7 +83,7 @@ def _unsupported(kw: dict) -> None:
 
 class Orthrus:
     def __init__(self, model_path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512,
-                 n_ubatch: int | None = None, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 n_ubatch: int | None = None, n_threads: int | None = None, n_gpu_layers: int | str = 0,
                  flash_attn: bool | None = None, type_k: str | int = "f16", type_v: str | int | None = None,
                  seed: int = LLAMA_DEFAULT_SEED, verbose: bool = False,
                  block_size: int | str | None = None, exact: bool | str | None = None):
@@ -93,7 +93,7 @@ class Orthrus:
         # exact: batch-invariant CPU kernels, so a verify batch gives bit for bit the logits of
         # one-token forwards and greedy Orthrus equals greedy AR (docs/NUMERICS.md): "verify"
         # (True) by default on the CPU, "all" for prompts too, "off" (False); no GPU kernels.
-        mode = ("verify" if n_gpu_layers == 0 else "off") if exact is None else exact_mode(exact)
+        mode = ("off" if offloads(n_gpu_layers) else "verify") if exact is None else exact_mode(exact)
         n_batch = max(int(n_batch), 64)
         self._nm = NativeModel(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch,
                                n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_type=type_k,

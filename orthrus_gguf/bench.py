@@ -10,6 +10,7 @@ import numpy as np
 
 from .api import Orthrus
 from .errors import OrthrusError
+from .native import gpu_layers
 
 DEFAULT_PROMPTS = {"text": ["def fibonacci(n):", "import os\n\n\ndef main():", "class Stack:\n    def __init__(self):",
                             "Q: 12 + 35 = ?\nA:", "The quick brown fox"]}
@@ -68,12 +69,12 @@ def acceptance_by_position(runs: list[dict], block: int) -> list[float]:
 def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int = 128,
               block_sizes=(None, "auto"), n_ctx: int = 2048, n_threads: int | None = None,
               n_gpu_layers: int = 0, chat: bool = False, costs: bool = False,
-              graph_slots: int | None = None, progress=None) -> dict:
+              graph_slots: int | None = None, progress=None, **model_kw) -> dict:
     """costs: also the forward cost table (cost_table) and the prefill speeds (prefill_speed).
     graph_slots: kinds of batch with a kept graph (None: llama.cpp's default; 0: upstream's
-    single graph, to measure what the kept graphs save)."""
+    single graph, to measure what the kept graphs save). model_kw: more Orthrus(...) arguments."""
     say = progress or (lambda msg: None)
-    with Orthrus(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers) as m:
+    with Orthrus(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **model_kw) as m:
         nm = m.native
         if graph_slots is not None:
             nm.set_graph_slots(graph_slots)
@@ -85,7 +86,7 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
             m.generate(first, max_tokens=8, mode="orthrus", block_size=b)
         m.generate(first, max_tokens=8, mode="ar")
         report = {"model": str(model), "max_tokens": max_tokens, "n_threads": nm.n_threads,
-                  "n_gpu_layers": n_gpu_layers, "exact": m.exact, "groups": {}}
+                  "n_gpu_layers": gpu_layers(n_gpu_layers), "exact": m.exact, "groups": {}}
         if costs and nm.is_orthrus:
             say("measuring forward costs by width …")
             report["costs"] = cost_table(nm)
@@ -127,6 +128,24 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
     return report
 
 
+def format_markdown(rep: dict) -> str:
+    """llama-bench's markdown table (model, backend, threads, test, t/s), with Orthrus' columns."""
+    model = Path(rep["model"]).name
+    backend = "CPU" if rep["n_gpu_layers"] == 0 else f"ngl {rep['n_gpu_layers']}"
+    lines = ["| model | backend | threads | test | mode | t/s | × AR | tok/step | identical |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for group, g in rep["groups"].items():
+        test = f"{group} tg{rep['max_tokens']}"
+        a = g["ar"]
+        lines.append(f"| {model} | {backend} | {rep['n_threads']} | {test} | ar | {a['tokens_per_second']:.2f} "
+                     f"| 1.00 | 1.00 | - |")
+        for b, o in g["orthrus"].items():
+            lines.append(f"| {model} | {backend} | {rep['n_threads']} | {test} | orthrus B={b} "
+                         f"| {o['tokens_per_second']:.2f} | {o['speedup']:.2f} | {o['tokens_per_step']:.2f} "
+                         f"| {o['identical']} |")
+    return "\n".join(lines)
+
+
 def format_report(rep: dict) -> str:
     head = f"{'prompts':<10}{'mode':<16}{'tok/s':>9}{'× AR':>7}{'tok/step':>10}{'tok/fwd':>9}" \
            f"{'step/fwds':>11}{'reused/step':>13}{'identical':>11}"
@@ -147,7 +166,7 @@ def format_report(rep: dict) -> str:
 
 def prefix_cache_parity(model: str | Path, prompts: dict[str, list[str]], max_tokens: int = 32,
                         n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
-                        exact_modes=("verify", "all"), progress=None) -> dict:
+                        exact_modes=("verify", "all"), progress=None, **model_kw) -> dict:
     """How often a cached call equals a fresh object's call: for each prompt, generate, then
     extend the prompt by the output and a newline and generate again on the same object
     (prefix reused) and on a second object from an empty cache; greedy, per exact mode."""
@@ -156,7 +175,7 @@ def prefix_cache_parity(model: str | Path, prompts: dict[str, list[str]], max_to
     out = {"model": str(model), "max_tokens": max_tokens, "prompts": len(texts), "identical": {}}
     for exact in exact_modes:
         say(f"prefix cache, exact={exact}: {len(texts)} prompts …")
-        kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, exact=exact)
+        kw = dict(model_kw, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, exact=exact)
         with Orthrus(model, **kw) as a, Orthrus(model, **kw) as b:
             same = 0
             for t in texts:

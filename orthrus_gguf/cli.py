@@ -78,11 +78,36 @@ def block_option(value):
     return int(value)
 
 
+class GpuLayers(click.ParamType):
+    """-ngl as llama.cpp reads it: an integer, "all" or "auto"."""
+    name = "N|all|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value in ("all", "auto"):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit() and int(value) >= -1:
+            return int(value)
+        self.fail(f"expected an integer >= -1, 'all' or 'auto', got {value!r}", param, ctx)
+
+
+FLASH = {"on": True, "off": False, "auto": None}
+KV_TYPES = click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"])
+
+# llama.cpp's spellings (common/arg.cpp) first; this project's older long forms stay as aliases
 MODEL_OPTIONS = [
     click.option("-m", "--model", required=True, type=click.Path(), help="GGUF file"),
-    click.option("--n-ctx", default=4096, show_default=True, help="context length"),
-    click.option("--threads", type=int, default=None, help="CPU threads (default: all cores, up to 8)"),
-    click.option("--n-gpu-layers", "-ngl", default=0, show_default=True, help="layers to offload (-1: all)"),
+    click.option("-c", "--ctx-size", "--n-ctx", "n_ctx", type=click.IntRange(1), default=4096,
+                 show_default=True, help="context length"),
+    click.option("-t", "--threads", type=click.IntRange(1), default=None,
+                 help="CPU threads (default: the cores, at most 8)"),
+    click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "n_gpu_layers", type=GpuLayers(), default="auto",
+                 show_default=True, help="layers to offload: N, 'all', or 'auto' (all if the build has a GPU)"),
+    click.option("-fa", "--flash-attn", type=click.Choice(list(FLASH)), default="auto", show_default=True),
+    click.option("-ctk", "--cache-type-k", type=KV_TYPES, default="f16", show_default=True, help="KV cache type of K"),
+    click.option("-ctv", "--cache-type-v", type=KV_TYPES, default="f16", show_default=True, help="KV cache type of V"),
+    click.option("-b", "--batch-size", type=click.IntRange(1), default=512, show_default=True, help="logical batch"),
+    click.option("-ub", "--ubatch-size", type=click.IntRange(1), default=512, show_default=True,
+                 help="physical batch (at least the GGUF's block size)"),
 ]
 
 
@@ -92,35 +117,69 @@ def model_options(f):
     return f
 
 
+def model_kwargs(kw: dict) -> dict:
+    """Orthrus(...) arguments from MODEL_OPTIONS (popped from a command's keywords)."""
+    return dict(n_ctx=kw.pop("n_ctx"), n_threads=kw.pop("threads"), n_gpu_layers=kw.pop("n_gpu_layers"),
+                flash_attn=FLASH[kw.pop("flash_attn")], type_k=kw.pop("cache_type_k"),
+                type_v=kw.pop("cache_type_v"), n_batch=kw.pop("batch_size"), n_ubatch=kw.pop("ubatch_size"))
+
+
+def _check_writable(path) -> None:
+    """Fail before long work when an output file cannot be written (nothing is left behind)."""
+    import os
+    from pathlib import Path
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise OrthrusError(f"{path}: cannot write there (no such directory, or no permission); pick another path")
+
+
 @main.command()
 @model_options
-@click.option("-p", "--prompt", required=True, help="prompt text (with --chat: the user message)")
-@click.option("--chat", is_flag=True, help="wrap the prompt in the GGUF's chat template")
-@click.option("--max-tokens", "-n", default=256, show_default=True)
+@click.option("-p", "--prompt", default=None, help="prompt text (with --chat: the user message)")
+@click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="read the prompt from a file")
+@click.option("--chat", "-cnv", is_flag=True, help="wrap the prompt in the GGUF's chat template")
+@click.option("-sys", "--system-prompt", default=None, help="a system message (implies --chat)")
+@click.option("-n", "--n-predict", "--max-tokens", "max_tokens", type=click.IntRange(1), default=256,
+              show_default=True, help="tokens to generate")
 @click.option("--temp", default=0.0, show_default=True, help="temperature (0: greedy, lossless)")
 @click.option("--top-k", default=40, show_default=True, help="0: off")
 @click.option("--top-p", default=0.95, show_default=True, help="1: off")
 @click.option("--min-p", default=0.05, show_default=True, help="0: off")
 @click.option("--repeat-penalty", default=1.0, show_default=True, help="1: off")
 @click.option("--repeat-last-n", default=64, show_default=True, help="tokens the penalty looks back (-1: all)")
-@click.option("--seed", type=int, default=None)
+@click.option("--presence-penalty", default=0.0, show_default=True)
+@click.option("--frequency-penalty", default=0.0, show_default=True)
+@click.option("-s", "--seed", type=click.IntRange(0), default=None)
+@click.option("--grammar", default=None, help="a GBNF grammar the output must follow")
+@click.option("--grammar-file", type=click.File("r", encoding="utf-8"), default=None, help="the grammar from a file")
 @click.option("--mode", type=click.Choice(["orthrus", "ar"]), default="orthrus", show_default=True)
 @click.option("--block-size", default=None, help="draft block: an integer, or 'auto' (default: the GGUF's)")
 @click.option("--stats", "show_stats", is_flag=True, help="print decoding statistics at the end")
-def generate(model, n_ctx, threads, n_gpu_layers, prompt, chat, max_tokens, temp, top_k, top_p, min_p,
-             repeat_penalty, repeat_last_n, seed, mode, block_size, show_stats):
+def generate(model, prompt, prompt_file, chat, system_prompt, max_tokens, temp, top_k, top_p, min_p,
+             repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, seed, grammar, grammar_file,
+             mode, block_size, show_stats, **kw):
     """Stream a completion to stdout (llama.cpp's sampler chain and defaults)."""
     import json
 
     from .api import Orthrus
     from .decode import Stats
-    with Orthrus(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers) as m:
-        if chat:
-            prompt = m.apply_chat_template([{"role": "user", "content": prompt}])
+    if (prompt is None) == (prompt_file is None):
+        raise OrthrusError("give the prompt with -p TEXT or -f FILE (one of them)")
+    if grammar is not None and grammar_file is not None:
+        raise OrthrusError("give the grammar with --grammar or --grammar-file, not both")
+    prompt = prompt if prompt is not None else prompt_file.read()
+    grammar = grammar if grammar_file is None else grammar_file.read()
+    with Orthrus(model, **model_kwargs(kw)) as m:
+        if chat or system_prompt is not None:
+            msgs = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+            prompt = m.apply_chat_template(msgs + [{"role": "user", "content": prompt}])
         stats = Stats(mode)
         for piece in m.steps(prompt, max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                             repeat_penalty=repeat_penalty, penalty_last_n=repeat_last_n, seed=seed,
-                             mode=mode, block_size=block_option(block_size)):
+                             repeat_penalty=repeat_penalty, penalty_last_n=repeat_last_n,
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             seed=seed, grammar=grammar, mode=mode, block_size=block_option(block_size)):
             click.echo(piece.text, nl=False)
             stats.add(piece.step)
         click.echo()
@@ -132,10 +191,13 @@ def generate(model, n_ctx, threads, n_gpu_layers, prompt, chat, max_tokens, temp
 @model_options
 @click.option("--prompts", type=click.Path(), default=None,
               help="JSON list of prompts, or an object of named lists")
-@click.option("--max-tokens", "-n", default=128, show_default=True)
+@click.option("-n", "--n-gen", "--max-tokens", "max_tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="tokens to generate per prompt")
 @click.option("--block-size", "block_sizes", multiple=True, default=None,
               help="block sizes to compare (repeatable; integers or 'auto'; default: the GGUF's and auto)")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the chat template")
+@click.option("-o", "--output", type=click.Choice(["md", "json"]), default="md", show_default=True,
+              help="stdout as llama-bench prints it: a markdown table, or the whole report as JSON")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="also write the report as JSON")
 @click.option("--plot", type=click.Path(), default=None,
               help="write a PNG of acceptance and speed (with --costs also PLOT-costs.png)")
@@ -145,17 +207,21 @@ def generate(model, n_ctx, threads, n_gpu_layers, prompt, chat, max_tokens, temp
               help="kinds of batch with a kept graph (default 16; 0: llama.cpp's single graph)")
 @click.option("--prefix-cache", is_flag=True,
               help="instead: how often a call on a reused prefix equals a fresh call, per exact mode")
-def bench(model, n_ctx, threads, n_gpu_layers, prompts, max_tokens, block_sizes, chat, json_out, plot, costs,
-          graph_slots, prefix_cache):
+def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot, costs, graph_slots,
+          prefix_cache, **kw):
     """AR against Orthrus on the same prompts, in one process: speed, acceptance, identity."""
     import json
     from pathlib import Path
 
-    from .bench import (format_costs, format_report, load_prompts, plot_costs, plot_report,
-                        prefix_cache_parity, run_bench)
+    from .bench import (format_costs, format_markdown, format_report, load_prompts, plot_costs,
+                        plot_report, prefix_cache_parity, run_bench)
+    mk = model_kwargs(kw)
+    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    for path in (json_out, plot):  # before the run: an unwritable path fails now, not after it
+        if path is not None:
+            _check_writable(path)
     if prefix_cache:
-        rep = prefix_cache_parity(model, load_prompts(prompts), max_tokens, n_ctx, threads, n_gpu_layers,
-                                  progress=lambda msg: click.echo(msg, err=True))
+        rep = prefix_cache_parity(model, load_prompts(prompts), max_tokens, progress=say, **mk)
         for exact, same in rep["identical"].items():
             click.echo(f"exact={exact}: cached call = fresh call on {same} prompts")
         if json_out:
@@ -163,23 +229,28 @@ def bench(model, n_ctx, threads, n_gpu_layers, prompts, max_tokens, block_sizes,
                 json.dump(rep, f, indent=2)
         return
     blocks = [block_option(b) for b in block_sizes] if block_sizes else [None, "auto"]
-    rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, n_ctx, threads, n_gpu_layers, chat,
-                    costs=costs, graph_slots=graph_slots, progress=lambda msg: click.echo(msg, err=True))
-    if "costs" in rep:
+    rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, chat=chat, costs=costs,
+                    graph_slots=graph_slots, progress=say, **mk)
+    if output == "json":
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        click.echo(format_markdown(rep))
+    if "costs" in rep and output == "md":
         click.echo(format_costs(rep["costs"]))
         pf = rep["prefill"]
         click.echo(f"prefill of {pf['tokens']} tokens: {pf['fast_tokens_per_second']:.0f} tok/s fast kernels, "
                    f"{pf['exact_tokens_per_second']:.0f} tok/s exact mode ({pf['exact_over_fast']:.3f}x), "
                    f"{pf['reference_kernels_tokens_per_second']:.0f} tok/s on the batch-invariant kernels\n")
-    click.echo(format_report(rep))
+    if output == "md":
+        click.echo(format_report(rep))
     if json_out:
         with open(json_out, "w") as f:
             json.dump(rep, f, indent=2)
     if plot:
-        click.echo(f"plot: {plot_report(rep, plot)}")
+        say(f"plot: {plot_report(rep, plot)}")
         if "costs" in rep:
             p = Path(plot)
-            click.echo(f"plot: {plot_costs(rep['costs'], p.with_name(p.stem + '-costs' + p.suffix))}")
+            say(f"plot: {plot_costs(rep['costs'], p.with_name(p.stem + '-costs' + p.suffix))}")
 
 
 @main.command("bench-server", context_settings={"ignore_unknown_options": True})
@@ -214,9 +285,10 @@ def bench_server(model, prompts, max_tokens, temp, settings, draft_max, json_out
 
 @main.command()
 @click.option("--outtype", "outtypes", multiple=True, default=("f16", "q4_k_m"), show_default=True)
-@click.option("--max-tokens", "-n", default=96, show_default=True)
-@click.option("--threads", type=int, default=None)
-@click.option("--n-gpu-layers", "-ngl", default=0, show_default=True)
+@click.option("-n", "--n-predict", "--max-tokens", "max_tokens", type=click.IntRange(1), default=96, show_default=True)
+@click.option("-t", "--threads", type=click.IntRange(1), default=None)
+@click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "n_gpu_layers", type=GpuLayers(), default="auto",
+              show_default=True)
 @click.option("--json", "json_out", type=click.Path(), default=None)
 def demo(outtypes, max_tokens, threads, n_gpu_layers, json_out):
     """Convert the embedded orthrus-tiny and race AR against Orthrus on held-out prompts."""

@@ -90,7 +90,7 @@ class OrthrusDraft(LlamaDraftModel):
         if self.block_size != "auto" and self.block_size > block:
             raise OrthrusError(f"block_size must be in [2, {block}] (the GGUF's block size), "
                                f"got {self.block_size}")
-        mode = self._exact or ("verify" if llm.model_params.n_gpu_layers == 0 else "off")
+        mode = self._exact or ("off" if native.offloads(llm.model_params.n_gpu_layers) else "verify")
         native.check(_n.orthrus_set_exact(llm.ctx, native.EXACT_MODES[mode]), f"set exact {mode}")
         self._llm, self._gguf_block, self.exact = llm, block, mode
         self._policy = FixedPolicy(self.block_size) if self.block_size != "auto" else None

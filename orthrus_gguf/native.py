@@ -151,6 +151,25 @@ def kv_type_id(t: str | int) -> int:
     raise OrthrusError(f"KV cache type must be one of {', '.join(_KV_TYPES)}, not {t!r}")
 
 
+def gpu_layers(value) -> int:
+    """n_gpu_layers as llama.cpp reads -ngl: an integer (-1: all), "all", or "auto" (all where
+    the build offloads to a GPU, none on a CPU-only build)."""
+    if value == "all":
+        return -1
+    if value == "auto":
+        return -1 if load().llama_cpp.llama_supports_gpu_offload() else 0
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise OrthrusError(f"n_gpu_layers must be an integer >= -1, 'all' or 'auto', got {value!r}")
+    return value
+
+
+def offloads(n_gpu_layers) -> bool:
+    """Whether a model loaded with n_gpu_layers puts layers on a GPU with this build."""
+    return gpu_layers(n_gpu_layers) != 0 and bool(load().llama_cpp.llama_supports_gpu_offload())
+
+
 def exact_mode(value) -> str:
     """The name of an exact mode: "off", "verify", "all"; False means "off", True "verify"."""
     if value is True or value is False:
@@ -212,7 +231,7 @@ class NativeModel:
 
     def __init__(self, path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_ubatch: int | None = None, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, kv_type: str | int = "f16", type_v: str | int | None = None,
+                 n_gpu_layers: int | str = 0, kv_type: str | int = "f16", type_v: str | int | None = None,
                  flash_attn: bool | None = None, seq: int = 0, repack: bool = True,
                  exact: bool | str = False):
         self._ctx = self._model = None
@@ -223,7 +242,7 @@ class NativeModel:
         if not path.is_file():
             raise OrthrusError(f"no GGUF file at {path}")
         mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers
+        mp.n_gpu_layers = gpu_layers(n_gpu_layers)
         mp.use_extra_bufts = repack  # CPU weight repacking (faster gemm kernels)
         self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:

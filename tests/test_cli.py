@@ -95,3 +95,66 @@ def test_bench_prefix_cache(tiny_gguf, tmp_path):
     rep = json.loads(out.read_text())
     assert rep["identical"]["all"] == "2/2" and set(rep["identical"]) == {"verify", "all"}
     assert "exact=all: cached call = fresh call on 2/2 prompts" in r.stdout
+
+
+def test_llama_cpp_flag_spellings_reach_the_api(tiny_gguf, monkeypatch, tmp_path):
+    """Each llama.cpp spelling (and the old long form) sets the Orthrus argument it names."""
+    from click.testing import CliRunner
+
+    import orthrus_gguf.api as api
+    from orthrus_gguf.cli import main
+    seen = {}
+
+    class Spy(api.Orthrus):
+        def __init__(self, path, **kw):
+            seen.update(kw)
+            super().__init__(path, **kw)
+
+        def steps(self, prompt, max_tokens=256, **kw):
+            seen.update(kw, prompt=prompt, max_tokens=max_tokens)
+            return super().steps(prompt, max_tokens, **kw)
+    monkeypatch.setattr(api, "Orthrus", Spy)
+    path = str(tiny_gguf("f32", tied=False))
+    grammar = tmp_path / "g.gbnf"
+    grammar.write_text('root ::= "ab"')
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("from a file")
+    runs = [
+        (["-c", "300", "-t", "1", "-ngl", "0", "-fa", "off", "-ctk", "q8_0", "-ctv", "f16", "-b", "128", "-ub", "64",
+          "-n", "3", "-s", "4", "--temp", "0.5", "--min-p", "0.1", "--repeat-penalty", "1.1", "-f", prompt,
+          "--grammar-file", grammar],
+         dict(n_ctx=300, n_threads=1, n_gpu_layers=0, flash_attn=False, type_k="q8_0", type_v="f16", n_batch=128,
+              n_ubatch=64, max_tokens=3, seed=4, temperature=0.5, min_p=0.1, repeat_penalty=1.1,
+              prompt="from a file", grammar='root ::= "ab"')),
+        (["--ctx-size", "320", "--threads", "2", "--gpu-layers", "auto", "--flash-attn", "on", "--n-predict", "2",
+          "--seed", "5", "-p", "x", "-sys", "be brief"],
+         dict(n_ctx=320, n_threads=2, n_gpu_layers="auto", flash_attn=True, max_tokens=2, seed=5)),
+        (["--n-ctx", "330", "--n-gpu-layers", "all", "--max-tokens", "2", "-p", "y"],
+         dict(n_ctx=330, n_gpu_layers="all", max_tokens=2)),
+    ]
+    for args, want in runs:
+        seen.clear()
+        r = CliRunner().invoke(main, ["generate", "-m", path, *map(str, args)])
+        assert r.exit_code == 0, r.output
+        assert {k: seen[k] for k in want} == want
+    assert seen["prompt"] == "y"
+    r = CliRunner().invoke(main, ["generate", "-m", path, "-p", "x", "-ngl", "-3"])
+    assert r.exit_code == 2 and "expected an integer >= -1, 'all' or 'auto'" in r.output
+    r = CliRunner().invoke(main, ["generate", "-m", path])
+    assert r.exit_code == 2 and "give the prompt with -p TEXT or -f FILE" in r.output
+
+
+def test_bench_markdown_and_json_output_and_early_path_check(tiny_gguf, tmp_path):
+    """bench -o md prints llama-bench's table shape; -o json the report; an unwritable --json
+    path fails before the bench runs."""
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["def f(x):"]))
+    base = ["bench", "-m", tiny_gguf("f32", tied=False), "--prompts", prompts, "-n", 6, "-t", 2, "--block-size", 4]
+    md = cli(*base)
+    assert md.returncode == 0, md.stderr
+    assert "| model | backend | threads | test | mode | t/s | × AR | tok/step | identical |" in md.stdout
+    assert "| CPU | 2 | prompts tg6 | orthrus B=4 |" in md.stdout
+    js = cli(*base, "-o", "json")
+    assert js.returncode == 0 and json.loads(js.stdout)["groups"]["prompts"]["orthrus"]["4"]["identical"] == "1/1"
+    bad = cli(*base, "--json", tmp_path / "missing" / "r.json")
+    assert bad.returncode == 2 and "cannot write there" in bad.stderr and "decoding" not in bad.stderr
