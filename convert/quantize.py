@@ -8,6 +8,7 @@ output, so the bits are better spent on the AR view that decides every token.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -45,11 +46,36 @@ def convert_quantized(model, out, qtype: str, force: bool = False, progress: boo
         base = convert_checkpoint(src, Path(tmp) / f"base-{base_type}.gguf", base_type, progress=progress)
         part = Path(tmp) / "quantized.gguf"
         cmd = [str(tool), str(base), str(part), qtype.upper(), str(threads or os.cpu_count() or 1)]
-        if progress:
-            print(f"quantizing to {qtype} with {tool.name} …", flush=True)
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not part.is_file():
-            tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
-            raise OrthrusError(f"llama-quantize failed (exit {r.returncode}) for {qtype}:\n{tail}")
+        rc, log = run_with_progress(cmd, f"quantizing to {qtype}", progress)
+        if rc != 0 or not part.is_file():
+            tail = "\n".join(log[-15:])
+            raise OrthrusError(f"llama-quantize failed (exit {rc}) for {qtype}:\n{tail}")
         os.replace(part, out)
     return out
+
+
+_TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")  # llama-quantize: "[  12/ 311]  blk.0.ffn_up.weight ..."
+
+
+def run_with_progress(cmd: list[str], desc: str, progress: bool) -> tuple[int, list[str]]:
+    """Run llama-quantize, a progress bar over its "[ i/ N]" tensor lines; (exit code, log)."""
+    from tqdm import tqdm
+    log: list[str] = []
+    bar = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        try:
+            for line in proc.stdout:
+                log.append(line.rstrip("\n"))
+                m = _TENSOR_LINE.match(line)
+                if m and progress:
+                    if bar is None:
+                        bar = tqdm(total=int(m.group(2)), desc=desc, unit="tensor")
+                    bar.n = int(m.group(1))
+                    bar.refresh()
+        except BaseException:
+            proc.kill()  # a signal or Ctrl-C: the child goes too
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    return proc.returncode, log

@@ -99,7 +99,8 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
         for group, texts in prompts.items():
             say(f"decoding {len(texts)} {group} prompts …")
             ar_runs, modes = [], {str(b): {"runs": [], "identical": 0, "first_diff_margins": []} for b in blocks}
-            for text in texts:
+            from tqdm import tqdm
+            for text in tqdm(texts, desc=group, unit="prompt", disable=progress is None, leave=False):
                 prompt = m.apply_chat_template([{"role": "user", "content": text}]) if chat else text
                 # every run from an empty cache: each decodes the whole prompt the same way
                 m.reset()
