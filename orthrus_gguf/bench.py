@@ -85,7 +85,7 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
         for b in blocks:  # warm-up: page in weights, build graphs
             m.generate(first, max_tokens=8, mode="orthrus", block_size=b)
         m.generate(first, max_tokens=8, mode="ar")
-        report = {"model": str(model), "max_tokens": max_tokens, "n_threads": nm.n_threads,
+        report = {"model": Path(model).name, "max_tokens": max_tokens, "n_threads": nm.n_threads,
                   "n_gpu_layers": gpu_layers(n_gpu_layers), "exact": m.exact, "groups": {}}
         if costs and nm.is_orthrus:
             say("measuring forward costs by width …")
@@ -147,6 +147,21 @@ def format_markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_records(rep: dict) -> list[dict]:
+    """llama-bench's -o json shape: one record per (test, mode), with Orthrus' fields."""
+    out = []
+    for group, g in rep["groups"].items():
+        base = {"model_filename": rep["model"], "backends": "CPU" if rep["n_gpu_layers"] == 0 else "GPU",
+                "n_gpu_layers": rep["n_gpu_layers"], "n_threads": rep["n_threads"], "n_prompt": 0,
+                "n_gen": rep["max_tokens"], "test": group, "prompts": g["prompts"], "exact": rep["exact"]}
+        out.append(base | {"mode": "ar", "avg_ts": g["ar"]["tokens_per_second"], "speedup": 1.0,
+                           "tokens_per_step": 1.0, "identical": None})
+        for b, o in g["orthrus"].items():
+            out.append(base | {"mode": f"orthrus B={b}", "avg_ts": o["tokens_per_second"], "speedup": o["speedup"],
+                               "tokens_per_step": o["tokens_per_step"], "identical": o["identical"]})
+    return out
+
+
 def format_report(rep: dict) -> str:
     head = f"{'prompts':<10}{'mode':<16}{'tok/s':>9}{'× AR':>7}{'tok/step':>10}{'tok/fwd':>9}" \
            f"{'step/fwds':>11}{'reused/step':>13}{'identical':>11}"
@@ -173,7 +188,7 @@ def prefix_cache_parity(model: str | Path, prompts: dict[str, list[str]], max_to
     (prefix reused) and on a second object from an empty cache; greedy, per exact mode."""
     say = progress or (lambda msg: None)
     texts = [t for group in prompts.values() for t in group]
-    out = {"model": str(model), "max_tokens": max_tokens, "prompts": len(texts), "identical": {}}
+    out = {"model": Path(model).name, "max_tokens": max_tokens, "prompts": len(texts), "identical": {}}
     for exact in exact_modes:
         say(f"prefix cache, exact={exact}: {len(texts)} prompts …")
         kw = dict(model_kw, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, exact=exact)

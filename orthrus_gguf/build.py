@@ -91,7 +91,7 @@ def native_files(root: Path | None = None) -> list[tuple[Path, str]]:
     out = []
     for f in sorted(base.rglob("*")):
         rel = f.relative_to(base).as_posix()
-        # the docs beside the sources (README.md, SERVER.md) are no build input
+        # the docs beside the sources (native/README.md, native/SERVER.md) are no build input
         if f.is_file() and not (f.suffix == ".md" and "/" not in rel) and "__pycache__" not in rel:
             out.append((f, rel))
     return out

@@ -197,7 +197,7 @@ def generate(model, prompt, prompt_file, chat, system_prompt, max_tokens, temp, 
               help="block sizes to compare (repeatable; integers or 'auto'; default: the GGUF's and auto)")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the chat template")
 @click.option("-o", "--output", type=click.Choice(["md", "json"]), default="md", show_default=True,
-              help="stdout as llama-bench prints it: a markdown table, or the whole report as JSON")
+              help="stdout as llama-bench prints it: a markdown table, or JSON records (--json FILE: the full report)")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="also write the report as JSON")
 @click.option("--plot", type=click.Path(), default=None,
               help="write a PNG of acceptance and speed (with --costs also PLOT-costs.png)")
@@ -213,8 +213,8 @@ def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot,
     import json
     from pathlib import Path
 
-    from .bench import (format_costs, format_markdown, format_report, load_prompts, plot_costs,
-                        plot_report, prefix_cache_parity, run_bench)
+    from .bench import (bench_records, format_costs, format_markdown, format_report, load_prompts,
+                        plot_costs, plot_report, prefix_cache_parity, run_bench)
     mk = model_kwargs(kw)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     for path in (json_out, plot):  # before the run: an unwritable path fails now, not after it
@@ -232,7 +232,7 @@ def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot,
     rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, chat=chat, costs=costs,
                     graph_slots=graph_slots, progress=say, **mk)
     if output == "json":
-        click.echo(json.dumps(rep, indent=2))
+        click.echo(json.dumps(bench_records(rep), indent=2))
     else:
         click.echo(format_markdown(rep))
     if "costs" in rep and output == "md":

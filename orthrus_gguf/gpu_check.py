@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import platform
 import shutil
 import subprocess
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
         models = {"orthrus-tiny f16": converted(embedded_model(), "f16")}
         widths = (1, 2, 4, 8) if args.quick else tuple(range(1, 33))
         if not args.quick:
-            work = Path(os.environ.get("ORTHRUS_GPU_CHECK_DIR", "/tmp/orthrus-gpu-check"))
+            work = Path(os.environ.get("ORTHRUS_GPU_CHECK_DIR") or Path(tempfile.gettempdir()) / "orthrus-gpu-check")
             work.mkdir(parents=True, exist_ok=True)
             for shape in ("1.7b", "8b"):
                 t0 = time.monotonic()

@@ -278,7 +278,7 @@ def speculative_accept(d: list[int], q: torch.Tensor, p: torch.Tensor, s: Sampli
 @torch.no_grad()
 def generate_orthrus(model: OrthrusModel, prompt: list[int], max_tokens: int, eos=(),
                      sampling: Sampling | None = None, block_size: int | None = None) -> Output:
-    """Orthrus decoding as in ORTHRUS.md: draft a block with the diffusion view, verify it
+    """Orthrus decoding as in docs/ALGORITHM.md: draft a block with the diffusion view, verify it
     with one AR forward, keep the agreeing prefix plus one AR token, crop the cache."""
     s, eos = sampling or Sampling(), set(eos)
     B, M = block_size or model.config.block_size, model.config.mask_token_id

@@ -48,7 +48,7 @@ def run_server_bench(model: str | Path, prompts: dict[str, list[str]], max_token
         raise OrthrusError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)}")
     if "off" not in settings:
         settings = ("off", *settings)  # the baseline of every ratio
-    report = {"model": str(model), "max_tokens": max_tokens, "temperature": temperature,
+    report = {"model": Path(model).name, "max_tokens": max_tokens, "temperature": temperature,
               "extra": list(extra), "groups": {g: {} for g in prompts}}
     texts: dict[tuple, str] = {}
     for name in settings:

@@ -104,7 +104,7 @@ def write_tiny_checkpoint(path: str | Path, *, seed: int = 0, shards: int = 1, s
 
 # ------------------------------------------------------------------ speed-test models
 
-# real Orthrus-Qwen3 shapes (ORTHRUS.md): layers, hidden, heads, kv heads, ffn
+# real Orthrus-Qwen3 shapes (docs/ALGORITHM.md): layers, hidden, heads, kv heads, ffn
 SHAPES = {
     "1.7b": dict(n_layers=28, hidden=2048, n_heads=16, n_kv_heads=8, ffn=6144, tied=True),
     "8b": dict(n_layers=36, hidden=4096, n_heads=32, n_kv_heads=8, ffn=12288, tied=False),
@@ -130,6 +130,7 @@ def write_random_gguf(path: str | Path, shape: str = "1.7b", block_size: int = 3
     from .config import OrthrusConfig
     from .convert import schema
     from .convert.vocab import add_tokenizer
+    from .checkpoint import Source
     from .convert.writer import gguf_writer, write_hparams
 
     s = SHAPES[shape]
@@ -177,7 +178,7 @@ def write_random_gguf(path: str | Path, shape: str = "1.7b", block_size: int = 3
         save_hf_tokenizer(tiny_tokenizer(n_tok), tok_dir)
 
         def metadata(w):
-            write_hparams(w, SimpleNamespace(config=config), 15, f"random-{shape}")  # 15: MOSTLY_Q4_K_M
+            write_hparams(w, SimpleNamespace(config=config), 15, Source(Path(path), f"random-{shape}"))  # 15: MOSTLY_Q4_K_M
             add_tokenizer(w, Path(tok_dir), config)
 
         with gguf_writer(path, tensors, metadata) as w:

@@ -145,7 +145,7 @@ def test_llama_cpp_flag_spellings_reach_the_api(tiny_gguf, monkeypatch, tmp_path
 
 
 def test_bench_markdown_and_json_output_and_early_path_check(tiny_gguf, tmp_path):
-    """bench -o md prints llama-bench's table shape; -o json the report; an unwritable --json
+    """bench -o md prints llama-bench's table shape; -o json its records; an unwritable --json
     path fails before the bench runs."""
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(["def f(x):"]))
@@ -155,6 +155,8 @@ def test_bench_markdown_and_json_output_and_early_path_check(tiny_gguf, tmp_path
     assert "| model | backend | threads | test | mode | t/s | × AR | tok/step | identical |" in md.stdout
     assert "| CPU | 2 | prompts tg6 | orthrus B=4 |" in md.stdout
     js = cli(*base, "-o", "json")
-    assert js.returncode == 0 and json.loads(js.stdout)["groups"]["prompts"]["orthrus"]["4"]["identical"] == "1/1"
+    recs = json.loads(js.stdout)
+    assert js.returncode == 0 and [r["mode"] for r in recs] == ["ar", "orthrus B=4"]
+    assert recs[1]["identical"] == "1/1" and recs[1]["n_gen"] == 6 and recs[1]["avg_ts"] > 0
     bad = cli(*base, "--json", tmp_path / "missing" / "r.json")
     assert bad.returncode == 2 and "cannot write there" in bad.stderr and "decoding" not in bad.stderr

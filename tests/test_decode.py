@@ -11,7 +11,7 @@ from orthrus_gguf.reference import OrthrusModel, generate_ar, generate_orthrus
 
 # 24 prompts of 1 to 90 tokens; the tiny random models of conftest have peaked outputs
 # (weights std 0.5, embeddings x8), so top-2 logit margins are far above the ~1e-3 relative
-# differences between batched and one-token kernels measured in LLAMA_CPP.md.
+# differences between batched and one-token kernels measured in docs/LLAMA_CPP.md.
 PROMPTS = [list(range(3 + i, 3 + i + n)) for i, n in enumerate(
     [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 4, 6, 7, 9, 10, 12, 15, 17, 19, 25, 30, 40, 50, 70])]
 Q4_MODEL = dict(hidden=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn=512, block_size=16, tied=False)

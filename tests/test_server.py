@@ -5,7 +5,7 @@ message saying so, they do not skip.
 
 Identity: at temperature 0 the drafting server must return exactly the text of the same
 server with drafting off, and of the Python API. On CPU a batched verify can differ from
-one-token decodes in the last bits (see /work/shared/LLAMA_CPP.md), which can flip a
+one-token decodes in the last bits (see docs/LLAMA_CPP.md), which can flip a
 near-tie; so these tests use f32 and q8_0 GGUFs of tiny random models (std-0.5 weights:
 peaked logits, no near-ties) and run the server with flash attention off (`-fa off`,
 ggml's CPU flash attention works in f16) and an f32 KV cache (`-ctk f32 -ctv f32`).

@@ -5,7 +5,7 @@
 // cache exactly as it was. common/speculative.cpp wraps it as the speculative type
 // "orthrus" (a thin adapter); the server verifies the drafts as for any other type.
 //
-// Sampled requests (temperature > 0) use speculative sampling (ORTHRUS.md): drafts are
+// Sampled requests (temperature > 0) use speculative sampling (docs/ALGORITHM.md): drafts are
 // drawn from q, the slot's sampler chain applied to the 64 highest logits of each
 // diffusion row (any known q keeps the output exact; this one is cheap), and the verify
 // keeps draft i with probability min(1, p_i(d_i) / q_i(d_i)), p_i being the same chain on

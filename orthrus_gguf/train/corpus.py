@@ -156,7 +156,7 @@ def build(n_math: int = 24000, n_prompts: int = 32) -> dict:
     math_train, math_held = math_corpus(n_math)
     manifest = {
         "python": sys.version, "python_version": platform.python_version(),
-        "implementation": platform.python_implementation(), "stdlib": str(root),
+        "implementation": platform.python_implementation(), "stdlib": f"lib/{root.name}",  # relative: no machine's path
         "excluded_dirs": sorted(SKIP_DIRS), "heldout_rule": f"sha256('code:'+path) % {HELDOUT_EVERY} == 0",
         "code_files": len(files), "code_bytes": sum(x["bytes"] for x in listing),
         "code_train_bytes": sum(x["bytes"] for x in listing if x["split"] == "train"),
