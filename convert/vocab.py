@@ -1,12 +1,11 @@
 """The tokenizer as llama.cpp expects it for Qwen3: gpt2 BPE with the qwen2 pre-tokenizer."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from gguf import GGUFWriter, TokenType
 
-from ..config import OrthrusConfig
+from ..config import OrthrusConfig, read_json
 from ..errors import OrthrusError
 
 
@@ -25,7 +24,7 @@ def read_tokenizer(src: Path, vocab_size: int) -> dict:
     for f in (tj, tc):
         if not f.is_file():
             raise OrthrusError(f"{f}: missing (the GGUF needs the tokenizer and its chat template)")
-    tok, cfg = json.loads(tj.read_text()), json.loads(tc.read_text())
+    tok, cfg = read_json(tj), read_json(tc)
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise OrthrusError(f"{tj}: expected a BPE tokenizer (Qwen2/Qwen3), got {model.get('type')!r}")

@@ -30,6 +30,7 @@ from .policy import CALIBRATION_PASSES, ARPolicy, AutoPolicy, FixedPolicy, calib
 from .sampling import DEFAULTS, Sampler
 
 MODES = ("orthrus", "ar")
+MIN_CTX = 256  # llama.cpp's smallest context (llama_context's constructor raises smaller ones)
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "random seed"
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty",
                  "presence_penalty", "penalty_last_n", "logit_bias", "seed", "rule")
@@ -95,6 +96,9 @@ class Orthrus:
         # (True) by default on the CPU, "all" for prompts too, "off" (False); no GPU kernels.
         mode = ("off" if offloads(n_gpu_layers) else "verify") if exact is None else exact_mode(exact)
         n_batch = max(int(n_batch), 64)
+        # llama.cpp raises a context below 256 cells to 256 but clamps the batches to the size
+        # asked for, which would leave a draft block no room: ask for what it will give
+        n_ctx = n_ctx if isinstance(n_ctx, int) and n_ctx <= 0 else max(n_ctx, MIN_CTX)
         self._nm = NativeModel(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch,
                                n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_type=type_k,
                                type_v=type_v, flash_attn=flash_attn, exact=mode)

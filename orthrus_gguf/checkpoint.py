@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .config import OrthrusConfig
+from .config import OrthrusConfig, read_json
 from .errors import OrthrusError
 from .convert import schema
 
@@ -86,9 +86,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise OrthrusError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise OrthrusError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                           f"not an object); re-download the file")
     header.pop("__metadata__", None)
     out, end = {}, 0
     for name, h in header.items():
+        if not (isinstance(h, dict) and isinstance(h.get("dtype"), str) and isinstance(h.get("shape"), list)
+                and isinstance(h.get("data_offsets"), list) and len(h["data_offsets"]) == 2
+                and all(isinstance(x, int) and x >= 0 for x in h["data_offsets"] + h["shape"])):
+            raise OrthrusError(f"{path}: corrupt safetensors header entry for {name!r} (needs dtype, "
+                               f"shape and data_offsets); re-download the file")
         if h["dtype"] not in ST_DTYPES:
             raise OrthrusError(f"{path}: tensor {name} has unsupported dtype {h['dtype']} "
                                f"(expected one of {', '.join(ST_DTYPES)})")
@@ -115,12 +123,15 @@ class Checkpoint:
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise OrthrusError(f"{index}: no weight_map")
             table: dict[str, TensorInfo] = {}
             for shard in sorted(set(weight_map.values())):
-                f = self.path / shard
+                f = self.path / str(shard)
+                if not isinstance(shard, str) or not f.resolve().is_relative_to(self.path.resolve()):
+                    raise OrthrusError(f"{index}: lists shard {shard!r}, outside the checkpoint "
+                                       f"directory; a shard must be a file in it")
                 if not f.is_file():
                     raise OrthrusError(f"{index}: lists shard {shard}, which is missing")
                 header = read_safetensors_header(f)

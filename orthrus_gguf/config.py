@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -9,6 +10,21 @@ from .errors import OrthrusError
 
 DTYPES = ("bfloat16", "float16", "float32")
 MAX_BLOCK_SIZE = 256
+
+
+def read_json(path: Path, want: type = dict):
+    """A checkpoint's JSON file, which must hold a `want` (object by default)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OrthrusError(f"{path}: not valid JSON ({e}); re-download the checkpoint") from None
+    except OSError as e:
+        raise OrthrusError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(d, want):
+        raise OrthrusError(f"{path}: expected a JSON {'object' if want is dict else want.__name__}"
+                           f"{' of model settings' if Path(path).name == 'config.json' else ''}, "
+                           f"got a JSON {type(d).__name__}")
+    return d
 
 
 @dataclass
@@ -32,6 +48,9 @@ class OrthrusConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "OrthrusConfig":
+        if not isinstance(d, dict):
+            raise OrthrusError(f"{source}: expected a JSON object of model settings, got a JSON "
+                               f"{type(d).__name__}")
         d = dict(d)
         # Newer transformers write `dtype` and may nest rope_theta in rope_parameters.
         if "torch_dtype" not in d and "dtype" in d:
@@ -58,18 +77,23 @@ class OrthrusConfig:
         path = Path(path)
         if not path.is_file():
             raise OrthrusError(f"{path}: not found (an Orthrus checkpoint needs config.json)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise OrthrusError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json(path), str(path))
 
     def validate(self, source: str = "config.json") -> None:
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim"):
             v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise OrthrusError(f"{source}: {k} must be a positive integer, got {v!r}")
+        for k in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise OrthrusError(f"{source}: {k} must be a positive number, got {v!r}")
+        v = self.max_position_embeddings
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OrthrusError(f"{source}: max_position_embeddings must be a positive integer, got {v!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise OrthrusError(f"{source}: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise OrthrusError(f"{source}: num_attention_heads ({self.num_attention_heads}) is not "
                                f"a multiple of num_key_value_heads ({self.num_key_value_heads})")

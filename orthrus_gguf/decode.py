@@ -150,67 +150,73 @@ def decode(nm: NativeModel, prompt: list[int], max_tokens: int, sampler: Sampler
     `grammar` (native.Grammar): only tokens it allows, drafts kept by token matching."""
     clock = time.perf_counter
     t0 = clock()
-    lease = nm.lease()
-    cached = nm.reuse_prefix(prompt)
-    nm.prefill(prompt[cached:], cached)
-    t1 = clock()
-    hist = list(prompt)
-    if grammar is not None:
-        t = sampler.choose(nm.logits(1)[0], hist, grammar.allowed())
-        grammar.accept(t)
-    elif sampler.plain:
-        t = int(nm.argmax(1)[0])
-    else:
-        t = int(sampler.sample_rows(nm.logits(1), hist, 1)[0][0])
-    hist.append(t)
-    n_out = 1
-    lps = _logprobs(nm, [t], logprobs) if logprobs is not None else None
+    with nm.exclusive():  # each step holds the model: another thread's call is refused
+        lease = nm.lease()
+        cached = nm.reuse_prefix(prompt)
+        nm.prefill(prompt[cached:], cached)
+        t1 = clock()
+        hist = list(prompt)
+        if grammar is not None:
+            t = sampler.choose(nm.logits(1)[0], hist, grammar.allowed())
+            grammar.accept(t)
+        elif sampler.plain:
+            t = int(nm.argmax(1)[0])
+        else:
+            t = int(sampler.sample_rows(nm.logits(1), hist, 1)[0][0])
+        hist.append(t)
+        n_out = 1
+        lps = _logprobs(nm, [t], logprobs) if logprobs is not None else None
     yield Step([t], 0, t_verify=t1 - t0, t_python=clock() - t1, prefilled=len(prompt) - cached,
                cached=cached, logprobs=lps)
     p = len(prompt)
     while not is_eog(t) and n_out < max_tokens:
-        nm.check_lease(lease)
-        t0 = clock()
-        reused0 = nm.n_reused
-        b = policy.choose(max_tokens - n_out)
-        d, q = np.empty(0, dtype=np.int32), None
-        t1 = t0
-        if b >= 2:
-            nm.draft(t, p, b)
-            t1 = clock()
-            if sampler.plain or grammar is not None:  # token matching takes any proposal
-                d = nm.argmax(b - 1)
-            else:
-                d, q = sampler.sample_rows(nm.logits(b - 1), hist, b - 1)
-                d = d.astype(np.int32)
-        t2 = clock()
-        nm.verify(np.concatenate([[t], d]).astype(np.int32), p)
-        t3 = clock()
-        if grammar is not None:
-            n, nxt = _matched(sampler, grammar, nm.logits(d.size + 1), hist, d)
-        elif sampler.plain:
-            a = nm.argmax(d.size + 1)
-            n = _first_mismatch(d, a)
-            nxt = int(a[n])
-        elif sampler.greedy:
-            a = sampler.pick(nm.logits(d.size + 1), hist, d)
-            n = _first_mismatch(d, a)
-            nxt = int(a[n])
-        else:  # no drafts: a plain sample
-            n, nxt = sampler.accept(d, q, sampler.probs(nm.logits(d.size + 1), hist, d))
-        new = [int(x) for x in d[:n]] + [nxt]
-        for i, tok in enumerate(new):  # stop at the first end-of-generation token
-            if is_eog(tok):
-                new = new[: i + 1]
-                break
-        new = new[: max_tokens - n_out]
-        lps = _logprobs(nm, new, logprobs) if logprobs is not None else None
-        if n < d.size:
-            nm.seq_rm(p + n + 1)  # drop the rejected drafts' cells
-        policy.update(int(d.size), n)
-        hist.extend(new)
-        n_out += len(new)
-        step = Step(new, b, d.tolist(), n, nm.n_reused - reused0, t1 - t0, t3 - t2,
-                    (clock() - t0) - (t1 - t0) - (t3 - t2), logprobs=lps)
+        with nm.exclusive(lease):
+            step = _step(nm, t, p, max_tokens - n_out, sampler, policy, is_eog, logprobs, grammar, hist, clock)
+        n_out += len(step.tokens)
         yield step
-        p, t = p + n + 1, new[-1]
+        p, t = p + step.accepted + 1, step.tokens[-1]
+
+
+def _step(nm, t, p, remaining, sampler, policy, is_eog, logprobs, grammar, hist, clock) -> Step:
+    """One draft + verify pair (or one AR forward) after token t at position p."""
+    t0 = clock()
+    reused0 = nm.n_reused
+    b = policy.choose(remaining)
+    d, q = np.empty(0, dtype=np.int32), None
+    t1 = t0
+    if b >= 2:
+        nm.draft(t, p, b)
+        t1 = clock()
+        if sampler.plain or grammar is not None:  # token matching takes any proposal
+            d = nm.argmax(b - 1)
+        else:
+            d, q = sampler.sample_rows(nm.logits(b - 1), hist, b - 1)
+            d = d.astype(np.int32)
+    t2 = clock()
+    nm.verify(np.concatenate([[t], d]).astype(np.int32), p)
+    t3 = clock()
+    if grammar is not None:
+        n, nxt = _matched(sampler, grammar, nm.logits(d.size + 1), hist, d)
+    elif sampler.plain:
+        a = nm.argmax(d.size + 1)
+        n = _first_mismatch(d, a)
+        nxt = int(a[n])
+    elif sampler.greedy:
+        a = sampler.pick(nm.logits(d.size + 1), hist, d)
+        n = _first_mismatch(d, a)
+        nxt = int(a[n])
+    else:  # no drafts: a plain sample
+        n, nxt = sampler.accept(d, q, sampler.probs(nm.logits(d.size + 1), hist, d))
+    new = [int(x) for x in d[:n]] + [nxt]
+    for i, tok in enumerate(new):  # stop at the first end-of-generation token
+        if is_eog(tok):
+            new = new[: i + 1]
+            break
+    new = new[:remaining]
+    lps = _logprobs(nm, new, logprobs) if logprobs is not None else None
+    if n < d.size:
+        nm.seq_rm(p + n + 1)  # drop the rejected drafts' cells
+    policy.update(int(d.size), n)
+    hist.extend(new)
+    return Step(new, b, d.tolist(), n, nm.n_reused - reused0, t1 - t0, t3 - t2,
+                (clock() - t0) - (t1 - t0) - (t3 - t2), logprobs=lps)

@@ -8,8 +8,11 @@ the patched symbols. Every non-zero status of the C API raises OrthrusError.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -222,6 +225,19 @@ def check(status: int, what: str) -> None:
         raise OrthrusError(f"{what}: {strerror(status)} (status {status})")
 
 
+def _guarded(fn):
+    """A method that reaches into the C state: refused once closed, or while another thread
+    is inside the same model (llama.cpp contexts are not thread-safe)."""
+    @functools.wraps(fn)
+    def run(self, *args, **kw):
+        self._acquire()
+        try:
+            return fn(self, *args, **kw)
+        finally:
+            self._lock.release()
+    return run
+
+
 class NativeModel:
     """One GGUF model and one context (sequence 0) of the patched llama.cpp.
 
@@ -236,6 +252,7 @@ class NativeModel:
                  exact: bool | str = False):
         self._ctx = self._model = None
         self._batch = None
+        self._lock = threading.RLock()
         self.n = load()
         lc = self.n.llama_cpp
         path = Path(path)
@@ -274,6 +291,12 @@ class NativeModel:
         self.block_size = self.n.model_orthrus_block_size(self._model)
         self.mask_token = self.n.model_orthrus_mask_token(self._model)
         self.arch = self._meta("general.architecture")
+        if self.arch == "orthrus-qwen3":
+            bad = self._orthrus_keys_problem()
+            if bad:
+                self.close()
+                raise OrthrusError(f"{path}: {bad}; the file is damaged or was not written by "
+                                   f"`orthrus-gguf convert` (convert the checkpoint again)")
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._mem = lc.llama_get_memory(self._ctx)
         self._vocab = lc.llama_model_get_vocab(self._model)
@@ -287,7 +310,35 @@ class NativeModel:
 
     # -------------------------------------------------------------- lifetime
 
+    def _acquire(self) -> None:
+        if not self._model:
+            raise OrthrusError("the model is closed: create a new Orthrus (or NativeModel) to use it again")
+        if not self._lock.acquire(blocking=False):
+            raise OrthrusError("this model is in use by another thread: use one Orthrus object per "
+                               "thread, or put a lock around its calls")
+
+    @contextmanager
+    def exclusive(self, lease: object | None = None):
+        """Hold the model for a block of calls (a decoding step), checking the lease first."""
+        self._acquire()
+        try:
+            if lease is not None:
+                self.check_lease(lease)
+            yield self
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None and not lock.acquire(blocking=False):
+            raise OrthrusError("close() while another thread is using the model: let it finish first")
+        try:
+            self._close()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _close(self) -> None:
         lc = self.n.llama_cpp
         if self._batch is not None:
             lc.llama_batch_free(self._batch)
@@ -317,10 +368,22 @@ class NativeModel:
             raise OrthrusError("the model is closed")
         return self._ctx
 
+    @_guarded
     def _meta(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)
         n = self.n.llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode() if n >= 0 else ""
+
+    def _orthrus_keys_problem(self) -> str | None:
+        """What is wrong with an orthrus-qwen3 GGUF's diffusion keys, or None."""
+        from .config import MAX_BLOCK_SIZE
+        raw_b, raw_m = (self._meta(f"orthrus-qwen3.diffusion.{k}") for k in ("block_size", "mask_token_id"))
+        if not raw_b.isdigit() or not 2 <= int(raw_b) <= MAX_BLOCK_SIZE:
+            return f"orthrus-qwen3.diffusion.block_size is {raw_b or 'missing'}, not in [2, {MAX_BLOCK_SIZE}]"
+        if not raw_m.isdigit() or not 0 <= int(raw_m) < self.n_vocab:
+            return (f"orthrus-qwen3.diffusion.mask_token_id is {raw_m or 'missing'}, not a token of the "
+                    f"vocabulary [0, {self.n_vocab})")
+        return None
 
     @property
     def is_orthrus(self) -> bool:
@@ -329,19 +392,23 @@ class NativeModel:
     # -------------------------------------------------------------- cache
 
     @property
+    @_guarded
     def n_past(self) -> int:
         """Number of positions in the cache (max position + 1)."""
         return self.n.llama_cpp.llama_memory_seq_pos_max(self._mem, self.seq) + 1
 
+    @_guarded
     def seq_rm(self, p: int) -> None:
         """Drop every cached position >= p."""
         if not self.n.llama_cpp.llama_memory_seq_rm(self._mem, self.seq, p, -1):
             raise OrthrusError(f"could not remove positions >= {p} from the KV cache")
         del self.tokens[p:]
 
+    @_guarded
     def clear(self) -> None:
         self.seq_rm(0)
 
+    @_guarded
     def lease(self) -> object:
         """Claim the cache for one generation; check_lease(lease) raises once another has
         claimed it since (two generations cannot interleave on one context)."""
@@ -354,6 +421,7 @@ class NativeModel:
                                "finish (or close) one stream before starting the next, or use one "
                                "Orthrus object per stream")
 
+    @_guarded
     def reuse_prefix(self, tokens) -> int:
         """Keep the longest cached prefix of `tokens` but at least their last token (whose
         logits a caller needs), drop the rest of the cache; returns the positions kept."""
@@ -368,6 +436,7 @@ class NativeModel:
 
     # -------------------------------------------------------------- forwards
 
+    @_guarded
     def prefill(self, tokens, p: int | None = None) -> None:
         """AR decode of tokens at p.. (default: after the cache), in n_batch chunks; only the
         last row's logits are kept (logits(1) / argmax(1))."""
@@ -400,6 +469,7 @@ class NativeModel:
                 raise OrthrusError(f"llama_decode failed (returned {rc}) in a prefill at {p + start}")
             self.tokens.extend(int(x) for x in chunk)
 
+    @_guarded
     def decode_ar(self, tokens, p: int) -> None:
         """AR decode of tokens at p.. with logits for every row; the tokens stay cached."""
         toks = np.ascontiguousarray(tokens, dtype=np.int32).ravel()
@@ -413,6 +483,7 @@ class NativeModel:
 
     verify = decode_ar
 
+    @_guarded
     def draft(self, t: int, p: int, n: int) -> None:
         """Diffusion pass over [t, M, …, M] (n tokens) at p..p+n-1; logits for every row,
         the cache unchanged."""
@@ -426,10 +497,12 @@ class NativeModel:
     # -------------------------------------------------------------- outputs
 
     @property
+    @_guarded
     def n_outputs(self) -> int:
         """Rows of logits of the last decode."""
         return self.n.orthrus_n_outputs(self.ctx)
 
+    @_guarded
     def logits(self, n_rows: int | None = None) -> np.ndarray:
         """The first n_rows (default all) rows of logits of the last decode, [n_rows, n_vocab]
         float32: a view into llama.cpp's buffer, valid until the next decode (copy to keep)."""
@@ -442,6 +515,7 @@ class NativeModel:
             raise OrthrusError("the last decode produced no logits")
         return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab))
 
+    @_guarded
     def argmax(self, n_rows: int | None = None) -> np.ndarray:
         """Argmax of each of the first n_rows rows of logits (ties: lowest id), int32 [n_rows]."""
         n_rows = self.n_outputs if n_rows is None else n_rows
@@ -453,10 +527,12 @@ class NativeModel:
     # -------------------------------------------------------------- graphs
 
     @property
+    @_guarded
     def n_reused(self) -> int:
         """Forwards so far that reused a kept graph (llama.cpp's own counter)."""
         return int(self.n.llama_cpp.llama_perf_context(self.ctx).n_reused)
 
+    @_guarded
     def graph_slots(self) -> tuple[int, int]:
         """(kinds of batch with a kept graph, bytes of their compute buffers)."""
         nbytes = ctypes.c_size_t(0)
@@ -469,15 +545,18 @@ class NativeModel:
         return self._exact
 
     @exact.setter
+    @_guarded
     def exact(self, value: bool | str) -> None:
         mode = exact_mode(value)
         check(self.n.orthrus_set_exact(self.ctx, EXACT_MODES[mode]), f"set exact {mode}")
         self._exact = mode
 
+    @_guarded
     def set_graph_slots(self, max_slots: int) -> None:
         """Keep graphs for at most max_slots kinds of batch (0: upstream's single graph)."""
         check(self.n.orthrus_set_graph_slots(self.ctx, int(max_slots)), f"set graph slots {max_slots}")
 
+    @_guarded
     def margin(self) -> float:
         """The gap between the two largest logits of the last row of the last decode."""
         row = np.partition(self.logits()[-1], self.n_vocab - 2)
@@ -485,6 +564,7 @@ class NativeModel:
 
     # -------------------------------------------------------------- vocabulary
 
+    @_guarded
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
         """llama_tokenize, as llama_cpp.Llama.tokenize (add_bos: the BOS the GGUF asks for)."""
         raw = text.encode() if isinstance(text, str) else bytes(text)
@@ -495,6 +575,7 @@ class NativeModel:
             raise OrthrusError(f"tokenize failed for a text of {len(raw)} bytes")
         return list(buf[:n])
 
+    @_guarded
     def token_bytes(self, token: int, special: bool = False) -> bytes:
         """The bytes of one token (special tokens render as text only with special=True)."""
         lc = self.n.llama_cpp
@@ -505,9 +586,11 @@ class NativeModel:
             n = lc.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, special)
         return buf.raw[:n]
 
+    @_guarded
     def detokenize(self, tokens, special: bool = False) -> bytes:
         return b"".join(self.token_bytes(t, special) for t in tokens)
 
+    @_guarded
     def is_eog(self, token: int) -> bool:
         """Whether a token ends generation (EOS, EOT, ...: the GGUF's end-of-generation set)."""
         hit = self._eog.get(token)
@@ -515,21 +598,25 @@ class NativeModel:
             hit = self._eog[token] = bool(self.n.llama_cpp.llama_vocab_is_eog(self._vocab, token))
         return hit
 
+    @_guarded
     def chat_template(self) -> str | None:
         """The GGUF's default chat template (tokenizer.chat_template), or None."""
         tmpl = self.n.llama_cpp.llama_model_chat_template(self._model, None)
         return tmpl.decode() if tmpl else None
 
+    @_guarded
     def token_eos(self) -> int:
         return int(self.n.llama_cpp.llama_vocab_eos(self._vocab))
 
     # -------------------------------------------------------------- view
 
     @property
+    @_guarded
     def view(self) -> int:
         return self.n.orthrus_get_view(self.ctx)
 
     @view.setter
+    @_guarded
     def view(self, v: int) -> None:
         check(self.n.orthrus_set_view(self.ctx, v), f"set view {v}")
 
@@ -544,6 +631,8 @@ class Grammar:
     def __init__(self, nm: NativeModel, gbnf: str, root: str = "root"):
         self._lc = lc = nm.n.llama_cpp
         self._smpl = None
+        nm._acquire()  # open, and this thread's
+        nm._lock.release()
         if not isinstance(gbnf, str) or not gbnf.strip():
             raise OrthrusError("grammar must be a GBNF string (or a llama_cpp.LlamaGrammar)")
         self._smpl = lc.llama_sampler_init_grammar(nm._vocab, gbnf.encode(), root.encode())

@@ -258,6 +258,38 @@ def make_bad(kind, src, tmp_path):
         return edit_config(src, tmp_path, mask_token_id=None)
     if kind == "mask_range":
         return edit_config(src, tmp_path, mask_token_id=512)
+    if kind in ("rope_theta", "eps_text", "max_pos"):
+        return edit_config(src, tmp_path, **{"rope_theta": dict(rope_theta=0.0), "eps_text": dict(rms_norm_eps="tiny"),
+                                             "max_pos": dict(max_position_embeddings=-5)}[kind])
+    if kind in ("config_list", "index_not_json", "tokenizer_not_json"):
+        dst = tmp_path / "edited"
+        shutil.copytree(src, dst)
+        name = {"config_list": "config.json", "index_not_json": "model.safetensors.index.json",
+                "tokenizer_not_json": "tokenizer.json"}[kind]
+        (dst / name).write_text("[1, 2]" if kind == "config_list" else "{not json")
+        return dst
+    if kind in ("shard_outside", "header_list", "header_no_offsets"):
+        dst = tmp_path / "edited"
+        shutil.copytree(src, dst)
+        if kind == "shard_outside":
+            (tmp_path / "secret.safetensors").write_bytes((dst / "model.safetensors").read_bytes())
+            names = json.loads(json.dumps(list(Checkpoint(src).table)))
+            (dst / "model.safetensors.index.json").write_text(
+                json.dumps({"weight_map": {n: "../secret.safetensors" for n in names}}))
+        else:
+            f = dst / "model.safetensors"
+            raw = f.read_bytes()
+            (n,) = struct.unpack("<Q", raw[:8])
+            header = json.loads(raw[8:8 + n])
+            if kind == "header_list":
+                new = json.dumps(list(header)).encode()
+            else:
+                name = next(k for k in header if k != "__metadata__")
+                del header[name]["data_offsets"]
+                new = json.dumps(header).encode()
+            new = new.ljust(n, b" ") if len(new) <= n else new
+            f.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+        return dst
     raise AssertionError(kind)
 
 
@@ -276,6 +308,15 @@ BAD = {
     "block_size_range": "block_size must be an integer in",
     "no_mask": "missing key.*mask_token_id",
     "mask_range": r"mask_token_id must be in \[0, vocab_size=512\), got 512",
+    "rope_theta": "rope_theta must be a positive number, got 0.0",
+    "eps_text": "rms_norm_eps must be a positive number, got 'tiny'",
+    "max_pos": "max_position_embeddings must be a positive integer, got -5",
+    "config_list": "expected a JSON object of model settings, got a JSON list",
+    "index_not_json": "model.safetensors.index.json.*not valid JSON",
+    "tokenizer_not_json": "tokenizer.json.*not valid JSON",
+    "shard_outside": r"lists shard '../secret.safetensors', outside the checkpoint directory",
+    "header_list": r"corrupt safetensors header \(a JSON list",
+    "header_no_offsets": r"corrupt safetensors header entry for .* \(needs dtype, shape and data_offsets\)",
 }
 
 

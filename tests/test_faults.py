@@ -1,0 +1,108 @@
+"""Misuse of a model object never costs a crash: use after close and use from two threads
+end in a clear OrthrusError (issue "bad input and faults")."""
+import threading
+
+import pytest
+
+from orthrus_gguf import Orthrus, OrthrusError
+
+
+@pytest.fixture
+def path(tiny_gguf):
+    return tiny_gguf("f32", tied=False)
+
+
+def test_every_call_after_close_is_a_clear_error(path):
+    m = Orthrus(path, n_ctx=256, n_threads=1)
+    stream = m.steps("def f(x):", max_tokens=8)
+    next(stream)
+    m.close()
+    calls = [lambda: m.generate("hi", max_tokens=4), lambda: list(m.stream("hi", max_tokens=4)),
+             lambda: m.tokenize("hi"), lambda: m.detokenize([1, 2]), lambda: m.token_bytes(3),
+             lambda: m.is_eog(3), lambda: m.apply_chat_template([{"role": "user", "content": "x"}]),
+             lambda: m("hi", max_tokens=2), lambda: m.create_chat_completion([{"role": "user", "content": "x"}]),
+             lambda: m.reset(), lambda: m.calibrate(), lambda: next(stream), lambda: m.native.logits(1)]
+    for call in calls:
+        with pytest.raises(OrthrusError, match="the model is closed"):
+            call()
+    m.close()  # twice is fine
+    with Orthrus(path, n_ctx=256, n_threads=1) as m2:
+        pass
+    with pytest.raises(OrthrusError, match="the model is closed"):
+        m2.generate("hi", max_tokens=2)
+
+
+def test_two_threads_on_one_object_get_an_error_not_a_crash(path):
+    """Four threads generate on one object at once: each call either completes with the
+    single-threaded result or raises the 'another thread' error; no call returns other text."""
+    with Orthrus(path, n_ctx=512, n_threads=1, exact="all") as m:  # cached = fresh (test_api)
+        want = {p: m.generate(p, max_tokens=24).tokens for p in ("def f(x):", "import os", "class A:")}
+        results, errors = [], []
+
+        def work(i):
+            for k in range(6):
+                p = list(want)[(i + k) % 3]
+                try:
+                    results.append((p, m.generate(p, max_tokens=24).tokens))
+                except OrthrusError as e:
+                    errors.append(str(e))
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(toks == want[p] for p, toks in results)
+        assert all("in use by another thread" in e or "another generation ran" in e for e in errors), set(errors)
+        assert len(results) + len(errors) == 24 and results
+        assert m.generate("def f(x):", max_tokens=24).tokens == want["def f(x):"]  # still usable
+
+
+def test_a_call_while_another_thread_holds_the_model_is_refused(path):
+    """Deterministically: while this thread is inside the model, another thread's calls
+    (a generation, a tokenize, close) are refused at once instead of racing in C."""
+    with Orthrus(path, n_ctx=256, n_threads=1) as m:
+        seen = []
+
+        def other():
+            for call in (lambda: m.generate("hi", max_tokens=2), lambda: m.tokenize("hi"), m.close):
+                try:
+                    call()
+                    seen.append("ran")
+                except OrthrusError as e:
+                    seen.append(str(e))
+        with m.native.exclusive():
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+        assert len(seen) == 3 and all("another thread" in s for s in seen), seen
+        assert m.generate("hi", max_tokens=2).tokens  # and once released, it works
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("block_size", 0, r"block_size is 0, not in \[2, 256\]"),
+    ("block_size", 1, r"block_size is 1, not in \[2, 256\]"),
+    ("block_size", 2**32 - 1, r"block_size is 4294967295, not in \[2, 256\]"),
+    ("mask_token_id", 10**6, r"mask_token_id is 1000000, not a token of the vocabulary \[0, 512\)"),
+])
+def test_a_gguf_with_impossible_diffusion_keys_is_refused_at_load(path, tmp_path, key, value, msg):
+    """Damaged diffusion keys are named at load, not by the first draft (or never: block 1)."""
+    import shutil
+
+    from gguf import GGUFReader
+    bad = tmp_path / "bad.gguf"
+    shutil.copy(path, bad)
+    f = GGUFReader(bad, "r+").fields[f"orthrus-qwen3.diffusion.{key}"]
+    f.parts[f.data[0]][0] = value
+    del f
+    with pytest.raises(OrthrusError, match=msg + ".*convert the checkpoint again"):
+        Orthrus(bad, n_ctx=256)
+
+
+def test_a_tiny_context_still_drafts():
+    """n_ctx=16: llama.cpp makes the context 256 cells but kept the batches at 16, so the
+    first draft of a 32-token block failed; Orthrus now asks for 256 and drafts."""
+    from orthrus_gguf.demo import converted, embedded_model
+    with Orthrus(converted(embedded_model(), "f16"), n_ctx=16, n_threads=1) as m:
+        assert m.native.n_ctx == 256 and m.native.n_ubatch >= 32
+        r = m.generate("Q: 1 + 1 = ?", max_tokens=12)
+        assert r.stats["steps_detail"][0]["block"] == 11  # a block of the 11 tokens left
