@@ -78,6 +78,9 @@ def gguf_writer(out: Path, tensors: list[tuple[str, tuple[int, ...], QT]], metad
         w.write_ti_data_to_file()
         yield w
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -28,6 +28,9 @@ def load_prompts(path: str | Path | None) -> dict[str, list[str]]:
     if not isinstance(groups, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
                                                for v in groups.values()):
         raise OrthrusError(f"{path}: expected a JSON list of strings or an object of such lists")
+    groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        raise OrthrusError(f"{path}: holds no prompts; give at least one")
     return groups
 
 

@@ -8,16 +8,33 @@ import click
 from .errors import OrthrusError
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so every cleanup (temporary files, child
+    processes) runs on the way out."""
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signal(signum, frame):
+    raise Signalled(signum)
+
+
 class Group(click.Group):
     def invoke(self, ctx):
+        import signal
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _raise_signal)
         try:
             return super().invoke(ctx)
         except OrthrusError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", 2)  # Ctrl-C: SIGINT
+            click.echo("interrupted" if signum == 2 else f"stopped by signal {signum}", err=True)
+            sys.exit(128 + signum)
 
 
 @click.group(cls=Group)
@@ -55,17 +72,21 @@ def info(gguf_file):
 
 
 @main.command()
-@click.option("--cuda", "backend", flag_value="cuda", help="build with CUDA")
-@click.option("--metal", "backend", flag_value="metal", help="build with Metal")
-@click.option("--vulkan", "backend", flag_value="vulkan", help="build with Vulkan")
-@click.option("--cpu", "backend", flag_value="cpu", default=True, help="CPU only (default)")
-@click.option("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: all cores)")
+@click.option("--cuda", is_flag=True, help="build with CUDA")
+@click.option("--metal", is_flag=True, help="build with Metal")
+@click.option("--vulkan", is_flag=True, help="build with Vulkan")
+@click.option("--cpu", is_flag=True, help="CPU only (the default)")
+@click.option("--jobs", "-j", type=click.IntRange(1), default=None, help="parallel compile jobs (default: all cores)")
 @click.option("--force", is_flag=True, help="rebuild even if the cache has this build")
-def build(backend, jobs, force):
+def build(cuda, metal, vulkan, cpu, jobs, force):
     """Build the patched llama.cpp (libllama, llama-server, llama-quantize) into the user cache."""
     from .build import build as run_build
     from .native import link_llama_cpp_lib
-    path = run_build(backend or "cpu", jobs=jobs, force=force)
+    chosen = [name for name, on in (("cuda", cuda), ("metal", metal), ("vulkan", vulkan), ("cpu", cpu)) if on]
+    if len(chosen) > 1:
+        raise OrthrusError(f"one backend per build: got --{' --'.join(chosen)}; run `orthrus-gguf build` once per backend")
+    backend = chosen[0] if chosen else "cpu"
+    path = run_build(backend, jobs=jobs, force=force)
     link_llama_cpp_lib(path)  # `import llama_cpp` alone then loads the patched build too
     click.echo(str(path))
 

@@ -106,3 +106,60 @@ def test_a_tiny_context_still_drafts():
         assert m.native.n_ctx == 256 and m.native.n_ubatch >= 32
         r = m.generate("Q: 1 + 1 = ?", max_tokens=12)
         assert r.stats["steps_detail"][0]["block"] == 11  # a block of the 11 tokens left
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_signal_during_convert_leaves_nothing_behind(tmp_path, sig):
+    """SIGTERM / SIGHUP while converting (and quantizing) the embedded model: exit 128+signal,
+    and the output folder holds no partial GGUF and no temporary folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from orthrus_gguf.demo import embedded_model
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "orthrus_gguf.cli", "convert", str(embedded_model()),
+                             "--outtype", "q4_k_m", "-o", str(out / "m.gguf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".") for p in out.iterdir()):  # the temporary exists: mid-work
+        assert proc.poll() is None and time.time() < deadline, "convert ended before it could be stopped"
+        time.sleep(0.005)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    assert f"stopped by signal {int(getattr(signal, sig))}" in err
+    assert list(out.iterdir()) == []
+
+
+def test_converted_files_take_the_umask(tiny_ckpt, tmp_path):
+    import os
+
+    from orthrus_gguf.convert import convert
+    old = os.umask(0o022)
+    try:
+        for t in ("f16", "q8_0"):
+            p = convert(tiny_ckpt(), tmp_path / f"m-{t}.gguf", t, progress=False)
+            assert p.stat().st_mode & 0o777 == 0o644, t
+    finally:
+        os.umask(old)
+
+
+def test_cli_refuses_contradictions_before_any_work(tmp_path, tiny_gguf):
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "orthrus_gguf.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+    r = cli("build", "--cuda", "--vulkan")
+    assert r.returncode == 2 and "one backend per build: got --cuda --vulkan" in r.stderr
+    r = cli("build", "--jobs", "-1")
+    assert r.returncode == 2 and "-1 is not in the range x>=1" in r.stderr
+    empty = tmp_path / "p.json"
+    empty.write_text(json.dumps([]))
+    r = cli("bench", "-m", tiny_gguf("f32", tied=False), "--prompts", empty)
+    assert r.returncode == 2 and "holds no prompts" in r.stderr and "Traceback" not in r.stderr
