@@ -337,25 +337,46 @@ def _run_logged(cmd: list[str], log: Path, env: dict[str, str], progress: bool) 
     tail: list[str] = []
     tty = progress and sys.stdout.isatty()
     with open(log, "w") as f:
+        # its own process group, so that an interrupted build takes cmake, ninja and every
+        # compiler with it (a signal to this process alone would orphan them)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, env=env)
+                                bufsize=1, env=env, start_new_session=os.name == "posix")
         assert proc.stdout is not None
-        for line in proc.stdout:
-            f.write(line)
-            tail = (tail + [line.rstrip()])[-60:]
-            if progress:
-                m = _NINJA_STEP.match(line)
-                if m and tty:
-                    sys.stdout.write("\r\033[K" + line.rstrip()[:150])
-                    sys.stdout.flush()
-                elif m:
-                    print(line.rstrip()[:200], flush=True)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                f.write(line)
+                tail = (tail + [line.rstrip()])[-60:]
+                if progress:
+                    m = _NINJA_STEP.match(line)
+                    if m and tty:
+                        sys.stdout.write("\r\033[K" + line.rstrip()[:150])
+                        sys.stdout.flush()
+                    elif m:
+                        print(line.rstrip()[:200], flush=True)
+            rc = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
     if tty:
         print()
     if rc != 0:
         raise OrthrusError(f"{' '.join(cmd[:3])} … failed (exit {rc}); full log: {log}\n"
                            + "\n".join(tail[-40:]))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop a child started in its own session and everything it started."""
+    import signal
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig) if os.name == "posix" else proc.kill()
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _install(build: Path, dest: Path) -> None:
@@ -411,7 +432,15 @@ def build(backend: str = "cpu", jobs: int | None = None, force: bool = False,
         copy_native(tree, root)
         apply_patches(tree, root, progress)
         bdir = tree / "build"
-        _configure(tree, bdir, backend, progress)
+        try:
+            _configure(tree, bdir, backend, progress)
+        except OrthrusError as e:
+            # a backend this machine cannot build (no toolkit): keep its log, not its tree
+            kept = llama_root / f"configure-{backend}-failed.log"
+            if (work / "configure.log").is_file():
+                shutil.copy2(work / "configure.log", kept)
+            shutil.rmtree(work, ignore_errors=True)
+            raise OrthrusError(str(e).replace(str(work / "configure.log"), str(kept))) from None
         _compile(tree, bdir, jobs or os.cpu_count() or 2, progress)
 
         staging = llama_root / f".{key}.tmp{os.getpid()}"

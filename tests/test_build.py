@@ -124,3 +124,55 @@ def test_import_is_lazy_and_missing_build_is_explained(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "OrthrusError" in r.stdout and "orthrus-gguf build" in r.stdout, r.stdout
+
+
+def test_an_interrupted_step_takes_its_whole_process_group(tmp_path):
+    """_run_logged runs cmake/ninja in their own session and, interrupted, kills the group:
+    no compiler (here a sleeping grandchild) outlives the build."""
+    import os
+    import signal
+    import time
+
+    from orthrus_gguf.build import _run_logged
+    pidfile = tmp_path / "pid"
+
+    def ring(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_logged(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], tmp_path / "log", dict(os.environ),
+                        progress=False)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    pid = int(pidfile.read_text())
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the grandchild {pid} survived")
+
+
+def test_a_backend_that_cannot_configure_leaves_its_log_not_its_tree(tmp_path, monkeypatch):
+    import orthrus_gguf.build as b
+    monkeypatch.setenv("ORTHRUS_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(b, "fetch_sdist", lambda progress: None)
+    monkeypatch.setattr(b, "extract_tree", lambda src, tree, **kw: tree.mkdir(parents=True))
+    monkeypatch.setattr(b, "copy_native", lambda tree, root: None)
+    monkeypatch.setattr(b, "apply_patches", lambda tree, root, progress: None)
+
+    def failing_configure(tree, bdir, backend, progress):
+        (tree.parent / "configure.log").write_text("Could not find Vulkan\n")
+        raise OrthrusError(f"cmake -S … failed (exit 1); full log: {tree.parent / 'configure.log'}\nCould not find Vulkan")
+    monkeypatch.setattr(b, "_configure", failing_configure)
+    with pytest.raises(OrthrusError, match="configure-vulkan-failed.log") as e:
+        b.build("vulkan", progress=False)
+    root = tmp_path / "cache" / "llama.cpp"
+    assert not (root / "work-vulkan").exists()
+    assert (root / "configure-vulkan-failed.log").read_text() == "Could not find Vulkan\n"
+    assert "Could not find Vulkan" in str(e.value)
