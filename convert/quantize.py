@@ -41,7 +41,8 @@ def convert_quantized(model, out, qtype: str, force: bool = False, progress: boo
         raise OrthrusError(f"{out}: already exists; pass --force to overwrite it")
     tool = llama_quantize()  # before any work: a missing build is the first thing to say
     base_type = LOSSLESS[Checkpoint(src.path).config.torch_dtype]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from .writer import make_parent
+    make_parent(out)
     with tempfile.TemporaryDirectory(prefix=".orthrus-quant-", dir=out.parent) as tmp:
         base = convert_checkpoint(src, Path(tmp) / f"base-{base_type}.gguf", base_type, progress=progress)
         part = Path(tmp) / "quantized.gguf"

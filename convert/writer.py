@@ -66,7 +66,10 @@ def gguf_writer(out: Path, tensors: list[tuple[str, tuple[int, ...], QT]], metad
     (name, shape, type) are written; the block then writes each tensor's data in table order.
     The file is a temporary beside `out`, renamed to `out` when the block ends, and removed on
     any error or interruption, so no half-written GGUF is ever left."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    except OSError as e:
+        raise OrthrusError(f"{out.parent}: cannot write there ({e.strerror}); pick another output path") from None
     os.close(fd)
     try:
         w = GGUFWriter(tmp, schema.ARCH)
@@ -82,9 +85,20 @@ def gguf_writer(out: Path, tensors: list[tuple[str, tuple[int, ...], QT]], metad
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
         os.replace(tmp, out)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OrthrusError(f"{out}: writing failed ({e.strerror}); check the free space and the "
+                           f"folder's permissions (nothing was left behind)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OrthrusError(f"{out}: cannot create its folder ({e.strerror}); pick another output path") from None
 
 
 def write_hparams(w: GGUFWriter, ckpt: Checkpoint, file_type: int, src: Source) -> None:
@@ -119,7 +133,7 @@ def convert_checkpoint(model, out: str | Path | None = None, outtype: str = "f16
         raise OrthrusError(f"{out}: is a directory; give a file name for the GGUF")
     if out.exists() and not force:
         raise OrthrusError(f"{out}: already exists; pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     wanted, file_type = OUTTYPES[outtype]
     names = hf_to_gguf_names(ckpt)
 

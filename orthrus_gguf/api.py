@@ -73,6 +73,13 @@ def _fold(pieces, mode: str, steps: list | None = None) -> tuple[Stats, str, lis
     return stats, "".join(text), lps, finish
 
 
+def _int_arg(name: str, value, lo: int, hi: int = 2**31 - 1) -> int:
+    """An integer argument in [lo, hi], or an OrthrusError that says so."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise OrthrusError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
 def _unsupported(kw: dict) -> None:
     for k, v in kw.items():
         if k not in _UNSUPPORTED:
@@ -89,6 +96,11 @@ class Orthrus:
                  seed: int = LLAMA_DEFAULT_SEED, verbose: bool = False,
                  block_size: int | str | None = None, exact: bool | str | None = None):
         path = check_gguf_file(model_path)
+        n_ctx = _int_arg("n_ctx", n_ctx, 0)  # 0: the model's training context
+        n_batch = _int_arg("n_batch", n_batch, 1)
+        n_ubatch = None if n_ubatch is None else _int_arg("n_ubatch", n_ubatch, 1)
+        n_threads = None if n_threads is None else _int_arg("n_threads", n_threads, 1, 1024)
+        seed = _int_arg("seed", seed, 0, LLAMA_DEFAULT_SEED)
         if verbose:
             set_verbose(True)
         # exact: batch-invariant CPU kernels, so a verify batch gives bit for bit the logits of
@@ -98,7 +110,7 @@ class Orthrus:
         n_batch = max(int(n_batch), 64)
         # llama.cpp raises a context below 256 cells to 256 but clamps the batches to the size
         # asked for, which would leave a draft block no room: ask for what it will give
-        n_ctx = n_ctx if isinstance(n_ctx, int) and n_ctx <= 0 else max(n_ctx, MIN_CTX)
+        n_ctx = n_ctx if n_ctx == 0 else max(n_ctx, MIN_CTX)
         self._nm = NativeModel(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch,
                                n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_type=type_k,
                                type_v=type_v, flash_attn=flash_attn, exact=mode)

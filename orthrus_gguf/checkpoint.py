@@ -206,6 +206,10 @@ class Checkpoint:
             except OrthrusError:
                 raise
             except Exception as e:
+                # Ctrl-C inside the reader can come back wrapped in the reader's own error
+                if any(isinstance(x, KeyboardInterrupt) for x in (e.__cause__, e.__context__)) \
+                        or "KeyboardInterrupt" in str(e):
+                    raise KeyboardInterrupt from e
                 raise OrthrusError(f"{f}: cannot read ({type(e).__name__}: {e})") from None
 
     def state_dict(self, dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -129,6 +129,10 @@ def test_llama_cpp_flag_spellings_reach_the_api(tiny_gguf, monkeypatch, tmp_path
         (["--ctx-size", "320", "--threads", "2", "--gpu-layers", "auto", "--flash-attn", "on", "--n-predict", "2",
           "--seed", "5", "-p", "x", "-sys", "be brief"],
          dict(n_ctx=320, n_threads=2, n_gpu_layers="auto", flash_attn=True, max_tokens=2, seed=5)),
+        (["-cnv", "-p", "z", "--top-k", "7", "--top-p", "0.5", "--presence-penalty", "0.3",
+          "--frequency-penalty", "0.2", "--repeat-last-n", "16", "--grammar", 'root ::= "x"', "-n", "2"],
+         dict(top_k=7, top_p=0.5, presence_penalty=0.3, frequency_penalty=0.2, penalty_last_n=16,
+              grammar='root ::= "x"', max_tokens=2)),
         (["--n-ctx", "330", "--n-gpu-layers", "all", "--max-tokens", "2", "-p", "y"],
          dict(n_ctx=330, n_gpu_layers="all", max_tokens=2)),
     ]
@@ -138,6 +142,13 @@ def test_llama_cpp_flag_spellings_reach_the_api(tiny_gguf, monkeypatch, tmp_path
         assert r.exit_code == 0, r.output
         assert {k: seen[k] for k in want} == want
     assert seen["prompt"] == "y"
+    import orthrus_gguf.demo as demo
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.update(kw, args=a))
+    for args in (["-t", "3", "-ngl", "all", "-n", "5"], ["--threads", "3", "--gpu-layers", "all", "--n-predict", "5"]):
+        seen.clear()
+        r = CliRunner().invoke(main, ["demo", *args])
+        assert r.exit_code == 0, r.output
+        assert seen["n_threads"] == 3 and seen["n_gpu_layers"] == "all" and seen["args"][1] == 5
     r = CliRunner().invoke(main, ["generate", "-m", path, "-p", "x", "-ngl", "-3"])
     assert r.exit_code == 2 and "expected an integer >= -1, 'all' or 'auto'" in r.output
     r = CliRunner().invoke(main, ["generate", "-m", path])

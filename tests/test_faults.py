@@ -163,3 +163,47 @@ def test_cli_refuses_contradictions_before_any_work(tmp_path, tiny_gguf):
     empty.write_text(json.dumps([]))
     r = cli("bench", "-m", tiny_gguf("f32", tied=False), "--prompts", empty)
     assert r.returncode == 2 and "holds no prompts" in r.stderr and "Traceback" not in r.stderr
+
+
+HOSTILE = [None, -1, 0, 1, 2**31, 2**64, 2.5, float("nan"), float("inf"), "x", "", [], {}, b"x", True,
+           [1, "a"], {"a": 1}]
+
+
+def test_fuzz_api_arguments_never_escape_as_anything_but_orthrus_error(path):
+    """Every generation argument, the prompt, chat messages and constructor arguments get each
+    hostile value: the call works or raises OrthrusError (a message, exit 2 in the CLI), never a
+    TypeError/ValueError/OverflowError from inside, never a crash."""
+    escaped = []
+
+    def attempt(what, fn):
+        try:
+            fn()
+        except OrthrusError:
+            pass
+        except Exception as e:  # noqa: BLE001 - the point: nothing else may escape
+            escaped.append(f"{what}: {type(e).__name__}: {e}")
+    with Orthrus(path, n_ctx=256, n_threads=1) as m:
+        for k in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty",
+                  "presence_penalty", "penalty_last_n", "logit_bias", "seed", "rule", "stop", "mode", "block_size",
+                  "logprobs", "grammar"):
+            for v in HOSTILE:
+                attempt(f"{k}={v!r}", lambda: m.generate("ab", **{"max_tokens": 2} | {k: v}))
+        for v in HOSTILE + [[-1], [2**40], [0.5], b"\xff\xfe", 5]:
+            attempt(f"prompt={v!r}", lambda: m.generate(v, max_tokens=2))
+        for v in HOSTILE + [[{"role": 1}], [{"content": "x"}], [{"role": "user", "content": 5}], "hi"]:
+            attempt(f"messages={v!r}", lambda: m.create_chat_completion(v, max_tokens=2))
+        assert m.generate("ab", max_tokens=4).tokens  # still usable after all of it
+    for k in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "block_size", "exact", "type_k", "seed"):
+        for v in HOSTILE:
+            attempt(f"Orthrus({k}={v!r})", lambda: Orthrus(path, **{"n_ctx": 256} | {k: v}).close())
+    assert not escaped, "\n".join(escaped)
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q4_k_m"])
+def test_an_output_folder_that_cannot_exist_is_an_error(tiny_ckpt, tmp_path, outtype):
+    from orthrus_gguf.convert import convert
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OrthrusError, match="cannot create its folder.*pick another output path"):
+        convert(tiny_ckpt(), blocker / "sub" / "m.gguf", outtype, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
