@@ -31,6 +31,31 @@ def read_gguf(path: str | Path):
         raise OrthrusError(f"{path}: cannot read GGUF ({type(e).__name__}: {e})") from None
 
 
+# llama.cpp asserts (aborts the process) on some impossible hyperparameters instead of
+# failing the load; these are checked before it sees the file.
+LLAMA_MAX_LAYERS = 512  # src/llama-hparams.h
+
+
+def preflight(path: str | Path) -> Path:
+    """A GGUF that llama.cpp can be handed without risking an abort: it parses, and a
+    qwen3-family model's layer and head counts are possible. Returns the path."""
+    r = read_gguf(path)
+    arch = field_value(r, "general.architecture")
+    if arch not in ("qwen3", "orthrus-qwen3"):
+        return Path(path)
+
+    def count(key: str, lo: int, hi: int) -> None:
+        v = field_value(r, f"{arch}.{key}")
+        if v is not None and (not isinstance(v, int) or not lo <= v <= hi):
+            raise OrthrusError(f"{path}: {arch}.{key} is {v!r}, not in [{lo}, {hi}]; the file is damaged "
+                               f"(convert the checkpoint again)")
+    count("block_count", 1, LLAMA_MAX_LAYERS)
+    for key in ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
+                "attention.key_length", "attention.value_length", "context_length"):
+        count(key, 1, 2**31 - 1)
+    return Path(path)
+
+
 def field_value(reader, key: str):
     f = reader.fields.get(key)
     if f is None:

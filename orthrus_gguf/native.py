@@ -258,6 +258,8 @@ class NativeModel:
         path = Path(path)
         if not path.is_file():
             raise OrthrusError(f"no GGUF file at {path}")
+        from .convert.info import preflight
+        preflight(path)
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers(n_gpu_layers)
         mp.use_extra_bufts = repack  # CPU weight repacking (faster gemm kernels)

@@ -207,3 +207,95 @@ def test_an_output_folder_that_cannot_exist_is_an_error(tiny_ckpt, tmp_path, out
     with pytest.raises(OrthrusError, match="cannot create its folder.*pick another output path"):
         convert(tiny_ckpt(), blocker / "sub" / "m.gguf", outtype, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+FUZZ_WORKER = """
+import json, random, sys
+from pathlib import Path
+from orthrus_gguf import Orthrus, OrthrusError
+from orthrus_gguf.convert import convert
+kind, out = sys.argv[1], Path(sys.argv[2])
+for f in sorted(out.glob("m*")):
+    print(f.name, end=" ", flush=True)
+    try:
+        if kind == "gguf":
+            with Orthrus(f, n_ctx=256, n_threads=1) as m:
+                m.generate([5, 6, 7], max_tokens=4)
+        else:
+            convert(f, out / (f.name + ".gguf"), "f16", progress=False)
+        print("ok", flush=True)
+    except OrthrusError as e:
+        print("error", flush=True)
+"""
+
+
+def test_fuzz_mutated_gguf_headers_and_configs(path, tiny_ckpt, tmp_path):
+    """Seeded, bounded: 60 GGUFs with 1-8 random bytes of their header and metadata changed,
+    loaded and decoded; 40 checkpoints whose config.json values are replaced by hostile ones,
+    converted. Every outcome is a success or an OrthrusError, in a worker whose exit code
+    shows that no signal (an llama.cpp abort, a segfault) ended it."""
+    import json
+    import random
+    import shutil
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader
+    rng = random.Random(1234)
+    raw = path.read_bytes()
+    header = GGUFReader(path).data_offset
+    g = tmp_path / "gguf"
+    g.mkdir()
+    for i in range(60):
+        b = bytearray(raw)
+        for _ in range(rng.choice([1, 2, 4, 8])):
+            b[rng.randrange(4, header)] = rng.randrange(256)
+        (g / f"m{i:02d}.gguf").write_bytes(bytes(b))
+    c = tmp_path / "cfg"
+    c.mkdir()
+    base = json.loads((tiny_ckpt() / "config.json").read_text())
+    for i in range(40):
+        d = c / f"m{i:02d}"
+        shutil.copytree(tiny_ckpt(), d)
+        cfg = dict(base)
+        for k in rng.sample(sorted(cfg), rng.choice([1, 2, 3])):
+            cfg[k] = rng.choice(HOSTILE[:5] + HOSTILE[6:11] + [-(2**40), 10**9, "7", [3]])
+        (d / "config.json").write_text(json.dumps(cfg, allow_nan=True))
+    for kind, folder, n in (("gguf", g, 60), ("cfg", c, 40)):
+        r = subprocess.run([sys.executable, "-c", FUZZ_WORKER, kind, str(folder)], capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"{kind}: the worker died ({r.returncode}) after {r.stdout.split()[-1:]}\n{r.stderr[-1500:]}"
+        outcomes = r.stdout.split()[1::2]
+        assert len(outcomes) == n and set(outcomes) <= {"ok", "error"}, r.stdout
+        assert "error" in outcomes  # the mutations did break something: the test has teeth
+
+
+def test_the_crash_classes_leave_the_process_alive(path):
+    """The two classes that used to kill the process (a call after close, two threads on one
+    object), run in a subprocess: it must exit 0 having seen only OrthrusErrors."""
+    import subprocess
+    import sys
+    code = f"""
+import threading
+from orthrus_gguf import Orthrus, OrthrusError
+m = Orthrus({str(path)!r}, n_ctx=256, n_threads=1)
+m.close()
+for call in (lambda: m.generate("hi", max_tokens=4), lambda: m.apply_chat_template([{{"role": "user", "content": "x"}}])):
+    try:
+        call()
+    except OrthrusError:
+        pass
+m = Orthrus({str(path)!r}, n_ctx=256, n_threads=1)
+def work():
+    for _ in range(20):
+        try:
+            m.generate("def f(x):", max_tokens=16)
+        except OrthrusError:
+            pass
+ts = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("survived")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "survived", r.stderr[-2000:]
