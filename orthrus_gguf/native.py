@@ -84,6 +84,15 @@ _state: SimpleNamespace | None = None
 _global_handle = None
 
 
+def with_cpu_defaults(env):
+    """env (a dict or os.environ) with this project's CPU backend defaults where unset: no AMX
+    weight buffers unless asked for (GGML_CPU_AMX=1), since on some virtual machines the AMX
+    kernels fault with SIGILL on the first batched q8_0 product (patch 0009). For this process
+    and for every llama.cpp process it starts."""
+    env.setdefault("GGML_CPU_AMX", "0")
+    return env
+
+
 def load(lib_dir: str | Path | None = None) -> SimpleNamespace:
     """Load the patched libllama once; returns a namespace with `llama_cpp` (the low-level
     module of llama-cpp-python), `lib` (the CDLL) and the bound llama_orthrus_* functions."""
@@ -111,9 +120,7 @@ def load(lib_dir: str | Path | None = None) -> SimpleNamespace:
                 f"or set LLAMA_CPP_LIB_PATH={lib_dir} before starting Python")
     os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
     link_llama_cpp_lib(lib_dir)
-    # no AMX weight buffers unless asked for (GGML_CPU_AMX=1): on some virtual machines the
-    # AMX kernels fault with SIGILL on the first batched q8_0 product (patch 0009)
-    os.environ.setdefault("GGML_CPU_AMX", "0")
+    with_cpu_defaults(os.environ)
     if sys.platform.startswith("linux"):
         # the C++ runtime into the global scope before llama_cpp dlopens libllama with
         # RTLD_LOCAL: without it, model loading segfaulted inside libstdc++ stream code under

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from .errors import OrthrusError
+from .native import with_cpu_defaults
 
 ORTHRUS_ARCH = "orthrus-qwen3"
 
@@ -89,7 +90,8 @@ class Server:
 
     def __init__(self, cmd: list[str], host: str = "127.0.0.1", port: int = 8080,
                  log: str | Path | None = None, timeout: float = 120.0, env: dict | None = None):
-        self.cmd, self.host, self.port, self.timeout, self.env = cmd, host, port, timeout, env
+        self.cmd, self.host, self.port, self.timeout = cmd, host, port, timeout
+        self.env = with_cpu_defaults(dict(os.environ) if env is None else env)
         self.log_path = Path(log) if log else None
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -167,8 +169,7 @@ def server_env() -> dict:
     to plain decoding (docs/NUMERICS.md); GGML_CPU_USE_REF=0 in the environment opts out."""
     env = dict(os.environ)
     env.setdefault("GGML_CPU_USE_REF", "1")
-    env.setdefault("GGML_CPU_AMX", "0")  # see native.load: AMX faults on some virtual machines
-    return env
+    return with_cpu_defaults(env)
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080,

@@ -246,6 +246,10 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(on):
     assert 400 <= status < 500, r
     status, r = post(on, "/v1/chat/completions", dict(messages="not a list"))
     assert 400 <= status < 500, r
+    for bad in ([-1], [10**9]):  # token ids outside the vocabulary (upstream: a 500)
+        status, r = post(on, "/detokenize", dict(tokens=bad))
+        assert status == 400 and "is outside the vocabulary" in r["error"]["message"], r
+    assert post(on, "/detokenize", dict(tokens=[5, 6]))[0] == 200
     assert complete(on, PROMPTS[0])[0] == want
 
 
