@@ -53,6 +53,20 @@ def preflight(path: str | Path) -> Path:
     for key in ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
                 "attention.key_length", "attention.value_length", "context_length"):
         count(key, 1, 2**31 - 1)
+    if arch == "orthrus-qwen3":  # a draft needs a real block and a real mask token
+        from ..config import MAX_BLOCK_SIZE
+        tokens = r.fields.get("tokenizer.ggml.tokens")
+        n_vocab = len(tokens.data) if tokens is not None else field_value(r, f"{arch}.vocab_size")
+        block, mask = (field_value(r, f"{arch}.diffusion.{k}") for k in ("block_size", "mask_token_id"))
+        if not isinstance(block, int) or not 2 <= block <= MAX_BLOCK_SIZE:
+            bad = f"orthrus-qwen3.diffusion.block_size is {block!r}, not in [2, {MAX_BLOCK_SIZE}]"
+        elif not isinstance(mask, int) or not isinstance(n_vocab, int) or not 0 <= mask < n_vocab:
+            bad = f"orthrus-qwen3.diffusion.mask_token_id is {mask!r}, not a token of the vocabulary [0, {n_vocab})"
+        else:
+            bad = None
+        if bad:
+            raise OrthrusError(f"{path}: {bad}; the file is damaged or was not written by "
+                               f"`orthrus-gguf convert` (convert the checkpoint again)")
     return Path(path)
 
 

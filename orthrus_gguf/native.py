@@ -300,12 +300,6 @@ class NativeModel:
         self.block_size = self.n.model_orthrus_block_size(self._model)
         self.mask_token = self.n.model_orthrus_mask_token(self._model)
         self.arch = self._meta("general.architecture")
-        if self.arch == "orthrus-qwen3":
-            bad = self._orthrus_keys_problem()
-            if bad:
-                self.close()
-                raise OrthrusError(f"{path}: {bad}; the file is damaged or was not written by "
-                                   f"`orthrus-gguf convert` (convert the checkpoint again)")
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._mem = lc.llama_get_memory(self._ctx)
         self._vocab = lc.llama_model_get_vocab(self._model)
@@ -382,17 +376,6 @@ class NativeModel:
         buf = ctypes.create_string_buffer(256)
         n = self.n.llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode() if n >= 0 else ""
-
-    def _orthrus_keys_problem(self) -> str | None:
-        """What is wrong with an orthrus-qwen3 GGUF's diffusion keys, or None."""
-        from .config import MAX_BLOCK_SIZE
-        raw_b, raw_m = (self._meta(f"orthrus-qwen3.diffusion.{k}") for k in ("block_size", "mask_token_id"))
-        if not raw_b.isdigit() or not 2 <= int(raw_b) <= MAX_BLOCK_SIZE:
-            return f"orthrus-qwen3.diffusion.block_size is {raw_b or 'missing'}, not in [2, {MAX_BLOCK_SIZE}]"
-        if not raw_m.isdigit() or not 0 <= int(raw_m) < self.n_vocab:
-            return (f"orthrus-qwen3.diffusion.mask_token_id is {raw_m or 'missing'}, not a token of the "
-                    f"vocabulary [0, {self.n_vocab})")
-        return None
 
     @property
     def is_orthrus(self) -> bool:

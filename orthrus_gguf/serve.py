@@ -30,8 +30,8 @@ def server_binary() -> Path:
 
 def model_block_size(model: str | Path) -> int:
     """The GGUF's diffusion block size, or 0 for a model without the diffusion view."""
-    from .convert.info import gguf_info
-    info = gguf_info(model)
+    from .convert.info import gguf_info, preflight
+    info = gguf_info(preflight(model))  # damaged keys are named here, before llama-server starts
     if info.get("architecture") != ORTHRUS_ARCH:
         return 0
     return int(info.get("diffusion.block_size") or 0)

@@ -85,7 +85,8 @@ def test_a_call_while_another_thread_holds_the_model_is_refused(path):
     ("mask_token_id", 10**6, r"mask_token_id is 1000000, not a token of the vocabulary \[0, 512\)"),
 ])
 def test_a_gguf_with_impossible_diffusion_keys_is_refused_at_load(path, tmp_path, key, value, msg):
-    """Damaged diffusion keys are named at load, not by the first draft (or never: block 1)."""
+    """Damaged diffusion keys are named at load (API) and before llama-server starts (serve),
+    not by the first draft (or never: block 1)."""
     import shutil
 
     from gguf import GGUFReader
@@ -96,6 +97,11 @@ def test_a_gguf_with_impossible_diffusion_keys_is_refused_at_load(path, tmp_path
     del f
     with pytest.raises(OrthrusError, match=msg + ".*convert the checkpoint again"):
         Orthrus(bad, n_ctx=256)
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "orthrus_gguf.cli", "serve", "-m", str(bad), "--port", "18999"],
+                       capture_output=True, text=True, timeout=120)  # serve says it before starting anything
+    assert r.returncode == 2 and "convert the checkpoint again" in r.stderr, r.stderr[-500:]
 
 
 def test_a_tiny_context_still_drafts():
@@ -299,3 +305,12 @@ print("survived")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "survived", r.stderr[-2000:]
+
+
+def test_an_empty_stop_string_stops_nothing(path):
+    """stop="" would match at offset 0 and cut the answer to nothing: it is ignored."""
+    with Orthrus(path, n_ctx=256, n_threads=1, exact="all") as m:  # a cached call = a fresh one
+        full = m.generate("def f(x):", max_tokens=12)
+        for stop in ("", [""], ["", "\u2603never"]):
+            r = m.generate("def f(x):", max_tokens=12, stop=stop)
+            assert r.text == full.text and r.finish_reason == full.finish_reason
