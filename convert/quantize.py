@@ -71,8 +71,7 @@ def run_with_progress(cmd: list[str], desc: str, progress: bool) -> tuple[int, l
                 if m and progress:
                     if bar is None:
                         bar = tqdm(total=int(m.group(2)), desc=desc, unit="tensor")
-                    bar.n = int(m.group(1))
-                    bar.refresh()
+                    bar.update(int(m.group(1)) - bar.n)  # redrawn at tqdm's own pace
         except BaseException:
             proc.kill()  # a signal or Ctrl-C: the child goes too
             raise
