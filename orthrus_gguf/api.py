@@ -24,14 +24,15 @@ import numpy as np
 
 from .convert.info import check_gguf_file
 from .decode import Stats, Step, TokenLogprob, decode
-from .errors import OrthrusError
+from .errors import OrthrusError, check_int
 from .native import Grammar, NativeModel, exact_mode, offloads, set_verbose
-from .policy import CALIBRATION_PASSES, ARPolicy, AutoPolicy, FixedPolicy, calibration_cost, warm_widths
+from .policy import ARPolicy, AutoPolicy, FixedPolicy, measure_costs, warm_widths
 from .sampling import DEFAULTS, Sampler
 
 MODES = ("orthrus", "ar")
 MIN_CTX = 256  # llama.cpp's smallest context (llama_context's constructor raises smaller ones)
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "random seed"
+INT32_MAX = 2**31 - 1  # the C fields these sizes land in
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty",
                  "presence_penalty", "penalty_last_n", "logit_bias", "seed", "rule")
 # Llama.create_completion / create_chat_completion parameters Orthrus has no equivalent for:
@@ -73,13 +74,6 @@ def _fold(pieces, mode: str, steps: list | None = None) -> tuple[Stats, str, lis
     return stats, "".join(text), lps, finish
 
 
-def _int_arg(name: str, value, lo: int, hi: int = 2**31 - 1) -> int:
-    """An integer argument in [lo, hi], or an OrthrusError that says so."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise OrthrusError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
-
-
 def _unsupported(kw: dict) -> None:
     for k, v in kw.items():
         if k not in _UNSUPPORTED:
@@ -96,11 +90,11 @@ class Orthrus:
                  seed: int = LLAMA_DEFAULT_SEED, verbose: bool = False,
                  block_size: int | str | None = None, exact: bool | str | None = None):
         path = check_gguf_file(model_path)
-        n_ctx = _int_arg("n_ctx", n_ctx, 0)  # 0: the model's training context
-        n_batch = _int_arg("n_batch", n_batch, 1)
-        n_ubatch = None if n_ubatch is None else _int_arg("n_ubatch", n_ubatch, 1)
-        n_threads = None if n_threads is None else _int_arg("n_threads", n_threads, 1, 1024)
-        seed = _int_arg("seed", seed, 0, LLAMA_DEFAULT_SEED)
+        n_ctx = check_int("n_ctx", n_ctx, 0, INT32_MAX)  # 0: the model's training context
+        n_batch = check_int("n_batch", n_batch, 1, INT32_MAX)
+        n_ubatch = None if n_ubatch is None else check_int("n_ubatch", n_ubatch, 1, INT32_MAX)
+        n_threads = None if n_threads is None else check_int("n_threads", n_threads, 1, 1024)
+        seed = check_int("seed", seed, 0, LLAMA_DEFAULT_SEED)
         if verbose:
             set_verbose(True)
         # exact: batch-invariant CPU kernels, so a verify batch gives bit for bit the logits of
@@ -206,23 +200,9 @@ class Orthrus:
             nm.clear()
             nm.prefill(ctx_tokens)
             p = len(ctx_tokens)
-            draft, verify = {1: 0.0}, {}
-            for w in warm_widths(nm.block_size):
-                toks = np.full(w, 1, dtype=np.int32)
-                ts_d, ts_v = [], []
-                for _ in range(CALIBRATION_PASSES):
-                    t0 = time.perf_counter()
-                    if w >= 2:
-                        nm.draft(1, p, w)
-                    t1 = time.perf_counter()
-                    nm.verify(toks, p)
-                    t2 = time.perf_counter()
-                    nm.seq_rm(p)
-                    ts_d.append(t1 - t0)
-                    ts_v.append(t2 - t1)
-                if w >= 2:
-                    draft[w] = calibration_cost(ts_d)
-                verify[w] = calibration_cost(ts_v)
+            rows = {w: np.full(w, 1, dtype=np.int32) for w in warm_widths(nm.block_size)}  # outside the timing
+            draft, verify = measure_costs(nm.block_size, lambda w: nm.draft(1, p, w),
+                                          lambda w: nm.verify(rows[w], p), lambda: nm.seq_rm(p))
             nm.clear()
             self._costs, self._auto = (draft, verify), None
         return self._costs

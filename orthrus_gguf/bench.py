@@ -133,20 +133,15 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
 
 
 def format_markdown(rep: dict) -> str:
-    """llama-bench's markdown table (model, backend, threads, test, t/s), with Orthrus' columns."""
-    model = Path(rep["model"]).name
-    backend = "CPU" if rep["n_gpu_layers"] == 0 else f"ngl {rep['n_gpu_layers']}"
+    """llama-bench's markdown table (model, backend, threads, test, t/s), with Orthrus' columns:
+    bench_records as rows."""
     lines = ["| model | backend | threads | test | mode | t/s | × AR | tok/step | identical |",
              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
-    for group, g in rep["groups"].items():
-        test = f"{group} tg{rep['max_tokens']}"
-        a = g["ar"]
-        lines.append(f"| {model} | {backend} | {rep['n_threads']} | {test} | ar | {a['tokens_per_second']:.2f} "
-                     f"| 1.00 | 1.00 | - |")
-        for b, o in g["orthrus"].items():
-            lines.append(f"| {model} | {backend} | {rep['n_threads']} | {test} | orthrus B={b} "
-                         f"| {o['tokens_per_second']:.2f} | {o['speedup']:.2f} | {o['tokens_per_step']:.2f} "
-                         f"| {o['identical']} |")
+    for r in bench_records(rep):
+        backend = "CPU" if r["n_gpu_layers"] == 0 else f"ngl {r['n_gpu_layers']}"
+        lines.append(f"| {Path(r['model_filename']).name} | {backend} | {r['n_threads']} | {r['test']} tg{r['n_gen']} "
+                     f"| {r['mode']} | {r['avg_ts']:.2f} | {r['speedup']:.2f} | {r['tokens_per_step']:.2f} "
+                     f"| {r['identical'] or '-'} |")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from . import native
 from .errors import OrthrusError
 
 
@@ -104,15 +105,15 @@ class GpuLayers(click.ParamType):
     name = "N|all|auto"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or value in ("all", "auto"):
-            return value
-        if isinstance(value, str) and value.lstrip("-").isdigit() and int(value) >= -1:
-            return int(value)
-        self.fail(f"expected an integer >= -1, 'all' or 'auto', got {value!r}", param, ctx)
+        from .native import gpu_layers_spec
+        try:
+            return gpu_layers_spec(value)
+        except OrthrusError:
+            self.fail(f"expected an integer >= -1, 'all' or 'auto', got {value!r}", param, ctx)
 
 
 FLASH = {"on": True, "off": False, "auto": None}
-KV_TYPES = click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"])
+KV_TYPES = click.Choice(list(native.KV_TYPES))
 
 # llama.cpp's spellings (common/arg.cpp) first; this project's older long forms stay as aliases
 MODEL_OPTIONS = [

@@ -135,7 +135,7 @@ def _matched(sampler: Sampler, grammar, rows: np.ndarray, hist: list[int], d: np
     """Token matching under a grammar: row i's token, chosen from the tokens the grammar
     allows after d[:i], keeps draft i if equal; returns (accepted, next token)."""
     for i in range(d.size + 1):
-        x = sampler.choose(rows[i], hist + [int(v) for v in d[:i]], grammar.allowed())
+        x = sampler.choose(rows[i], hist, [int(v) for v in d[:i]], grammar.allowed())
         grammar.accept(x)
         if i == d.size or x != d[i]:
             return i, x
@@ -157,7 +157,7 @@ def decode(nm: NativeModel, prompt: list[int], max_tokens: int, sampler: Sampler
         t1 = clock()
         hist = list(prompt)
         if grammar is not None:
-            t = sampler.choose(nm.logits(1)[0], hist, grammar.allowed())
+            t = sampler.choose(nm.logits(1)[0], hist, allowed=grammar.allowed())
             grammar.accept(t)
         elif sampler.plain:
             t = int(nm.argmax(1)[0])

@@ -20,13 +20,12 @@ on the batch-invariant kernels (patch 0008: the first decode after a draft is it
 from __future__ import annotations
 
 import ctypes
-import time
 
 import numpy as np
 
 from . import native
 from .errors import OrthrusError
-from .policy import CALIBRATION_PASSES, AutoPolicy, FixedPolicy, calibration_cost, warm_widths
+from .policy import AutoPolicy, FixedPolicy, measure_costs, warm_widths
 
 _n = native.load()  # before llama_cpp is imported here: it must load the patched libllama
 
@@ -105,25 +104,15 @@ class OrthrusDraft(LlamaDraftModel):
     def _calibrate(self, t: int, p: int) -> tuple[dict, dict]:
         """The policy's costs, measured on the live sequence beyond its end (left as it was)."""
         ctx, mem = self._llm.ctx, _n.llama_cpp.llama_get_memory(self._llm.ctx)
-        draft, verify = {1: 0.0}, {}
-        for w in warm_widths(self._gguf_block):
-            toks = np.full(w, t, dtype=np.int32)
-            ptr = toks.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-            ts_d, ts_v = [], []
-            for _ in range(CALIBRATION_PASSES):
-                t0 = time.perf_counter()
-                if w >= 2:
-                    native.check(_n.orthrus_draft(ctx, 0, t, p, w), f"diffusion pass of {w} tokens")
-                t1 = time.perf_counter()
-                native.check(_n.orthrus_verify(ctx, 0, ptr, w, p), f"calibration verify of {w} tokens")
-                t2 = time.perf_counter()
-                _n.llama_cpp.llama_memory_seq_rm(mem, 0, p, -1)
-                ts_d.append(t1 - t0)
-                ts_v.append(t2 - t1)
-            if w >= 2:
-                draft[w] = calibration_cost(ts_d)
-            verify[w] = calibration_cost(ts_v)
-        return draft, verify
+
+        rows = {w: np.full(w, t, dtype=np.int32) for w in warm_widths(self._gguf_block)}  # outside the timing
+        ptrs = {w: r.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) for w, r in rows.items()}
+
+        def verify(w):
+            native.check(_n.orthrus_verify(ctx, 0, ptrs[w], w, p), f"calibration verify of {w} tokens")
+        return measure_costs(self._gguf_block,
+                             lambda w: native.check(_n.orthrus_draft(ctx, 0, t, p, w), f"diffusion pass of {w} tokens"),
+                             verify, lambda: _n.llama_cpp.llama_memory_seq_rm(mem, 0, p, -1))
 
     def __call__(self, input_ids: np.ndarray, /, **kwargs) -> np.ndarray:
         llm = self._llm

@@ -43,7 +43,7 @@ VIEW_AR = 0
 VIEW_DIFFUSION = 1
 
 # enum ggml_type of the KV cache types llama.cpp's -ctk/-ctv accept
-_KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20,
+KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20,
              "q5_0": 6, "q5_1": 7}
 # LLAMA_ORTHRUS_EXACT_* of include/llama.h: which forwards run on the batch-invariant kernels
 EXACT_MODES = {"off": 0, "verify": 1, "all": 2}
@@ -154,24 +154,33 @@ def load(lib_dir: str | Path | None = None) -> SimpleNamespace:
 
 def kv_type_id(t: str | int) -> int:
     """enum ggml_type of a KV cache type given by name (llama.cpp's -ctk/-ctv) or number."""
-    if isinstance(t, int) and not isinstance(t, bool) and t in _KV_TYPES.values():
+    if isinstance(t, int) and not isinstance(t, bool) and t in KV_TYPES.values():
         return t
-    if isinstance(t, str) and t.lower() in _KV_TYPES:
-        return _KV_TYPES[t.lower()]
-    raise OrthrusError(f"KV cache type must be one of {', '.join(_KV_TYPES)}, not {t!r}")
+    if isinstance(t, str) and t.lower() in KV_TYPES:
+        return KV_TYPES[t.lower()]
+    raise OrthrusError(f"KV cache type must be one of {', '.join(KV_TYPES)}, not {t!r}")
 
 
-def gpu_layers(value) -> int:
-    """n_gpu_layers as llama.cpp reads -ngl: an integer (-1: all), "all", or "auto" (all where
-    the build offloads to a GPU, none on a CPU-only build)."""
-    if value == "all":
-        return -1
-    if value == "auto":
-        return -1 if load().llama_cpp.llama_supports_gpu_offload() else 0
+def gpu_layers_spec(value) -> int | str:
+    """n_gpu_layers as llama.cpp's -ngl takes it, checked, not resolved: an integer >= -1
+    (-1: all; a string of one too), "all" or "auto"."""
+    if isinstance(value, str) and value in ("all", "auto"):
+        return value
     if isinstance(value, str) and value.lstrip("-").isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < -1:
         raise OrthrusError(f"n_gpu_layers must be an integer >= -1, 'all' or 'auto', got {value!r}")
+    return value
+
+
+def gpu_layers(value) -> int:
+    """The layer count llama.cpp gets for n_gpu_layers: "all" is -1, "auto" all where the build
+    offloads to a GPU and none on a CPU-only build."""
+    value = gpu_layers_spec(value)
+    if value == "all":
+        return -1
+    if value == "auto":
+        return -1 if load().llama_cpp.llama_supports_gpu_offload() else 0
     return value
 
 
@@ -305,6 +314,7 @@ class NativeModel:
         self._vocab = lc.llama_model_get_vocab(self._model)
         self._eog: dict[int, bool] = {}
         self.tokens: list[int] = []  # the cache's contents, position by position
+        self._lease: object | None = None  # the generation that owns the cache (lease())
         # exact: forwards on the CPU kernels with which a forward of B tokens gives bit for bit
         # the logits of B one-token forwards (ggml's reference mode, patch 0005;
         # docs/NUMERICS.md): "verify" for verify forwards only (prompts and drafts keep the fast
@@ -408,7 +418,7 @@ class NativeModel:
         return self._lease
 
     def check_lease(self, lease: object) -> None:
-        if getattr(self, "_lease", None) is not lease:
+        if self._lease is not lease:
             raise OrthrusError("another generation ran on this model while this one was paused: "
                                "finish (or close) one stream before starting the next, or use one "
                                "Orthrus object per stream")
@@ -595,10 +605,6 @@ class NativeModel:
         """The GGUF's default chat template (tokenizer.chat_template), or None."""
         tmpl = self.n.llama_cpp.llama_model_chat_template(self._model, None)
         return tmpl.decode() if tmpl else None
-
-    @_guarded
-    def token_eos(self) -> int:
-        return int(self.n.llama_cpp.llama_vocab_eos(self._vocab))
 
     # -------------------------------------------------------------- view
 

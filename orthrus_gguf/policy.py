@@ -47,6 +47,30 @@ def calibration_cost(samples) -> float:
     return float(min(samples[1:]))
 
 
+def measure_costs(max_block: int, draft, verify, rewind) -> tuple[dict[int, float], dict[int, float]]:
+    """Seconds of a diffusion pass and of a verify forward at each warm width, by the
+    calibration statistic: draft(w) and verify(w) run one forward of width w, rewind() drops
+    what the verify cached. Width 1 has no draft (cost 0)."""
+    import time
+    cost_draft, cost_verify = {1: 0.0}, {}
+    for w in warm_widths(max_block):
+        ts_d, ts_v = [], []
+        for _ in range(CALIBRATION_PASSES):
+            t0 = time.perf_counter()
+            if w >= 2:
+                draft(w)
+            t1 = time.perf_counter()
+            verify(w)
+            t2 = time.perf_counter()
+            rewind()
+            ts_d.append(t1 - t0)
+            ts_v.append(t2 - t1)
+        if w >= 2:
+            cost_draft[w] = calibration_cost(ts_d)
+        cost_verify[w] = calibration_cost(ts_v)
+    return cost_draft, cost_verify
+
+
 class ARPolicy:
     """Plain AR decoding: one token per forward, never a draft."""
     name = "ar"

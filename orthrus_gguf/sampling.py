@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import OrthrusError
+from .errors import OrthrusError, check_int
 
 # llama.cpp's defaults (common_params_sampling; the same in Llama.create_completion)
 DEFAULTS = dict(top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, frequency_penalty=0.0,
@@ -43,12 +43,6 @@ def _number(name: str, value, lo: float | None = None, hi: float | None = None,
     return float(value)
 
 
-def _integer(name: str, value, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise OrthrusError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
-
-
 @dataclass
 class Sampler:
     temperature: float = 0.0
@@ -68,22 +62,22 @@ class Sampler:
         if self.rule not in RULES:
             raise OrthrusError(f"rule must be 'speculative' or 'match', got {self.rule!r}")
         self.temperature = _number("temperature", self.temperature, 0.0)
-        self.top_k = _integer("top_k", self.top_k, 0)
+        self.top_k = check_int("top_k", self.top_k, 0)
         self.top_p = _number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         self.min_p = _number("min_p", self.min_p, 0.0, 1.0)
         self.repeat_penalty = _number("repeat_penalty", self.repeat_penalty, 0.0, lo_open=True)
         self.frequency_penalty = _number("frequency_penalty", self.frequency_penalty)
         self.presence_penalty = _number("presence_penalty", self.presence_penalty)
-        self.penalty_last_n = _integer("penalty_last_n", self.penalty_last_n, -1)
+        self.penalty_last_n = check_int("penalty_last_n", self.penalty_last_n, -1)
         bias = self.logit_bias or {}
         if not isinstance(bias, dict):
             raise OrthrusError(f"logit_bias must be a dict of token id to bias, got {type(bias).__name__}")
-        ids = [_integer("a logit_bias token id", int(k) if isinstance(k, str) and k.isdigit() else k, 0)
+        ids = [check_int("a logit_bias token id", int(k) if isinstance(k, str) and k.isdigit() else k, 0)
                for k in bias]
         vals = [float(v) if v == -math.inf else _number(f"logit_bias[{k}]", v) for k, v in bias.items()]
         self._bias = (np.array(ids, dtype=np.int64), np.array(vals, dtype=np.float64))
         if self.seed is not None:
-            self.rng = np.random.default_rng(_integer("seed", self.seed, 0))
+            self.rng = np.random.default_rng(check_int("seed", self.seed, 0))
         elif self.rng is None:
             self.rng = np.random.default_rng()
 
@@ -115,6 +109,7 @@ class Sampler:
         if ids.size:
             x[:, ids] += vals
         if self.penalized:
+            history = self._window(history)
             seq = np.concatenate([np.asarray(history, dtype=np.int64), np.asarray(drafts, dtype=np.int64)])
             n_hist = len(seq) - len(drafts)
             for i in range(x.shape[0]):
@@ -150,11 +145,20 @@ class Sampler:
         """Greedy choice of each row (ties: the lowest id), after bias and penalties."""
         return self.adjust(logits, history, drafts, allowed).argmax(-1)
 
-    def choose(self, row: np.ndarray, history, allowed: np.ndarray | None = None) -> int:
-        """One token for one row [V] after `history`: greedy or a draw from the chain."""
+    def _window(self, history):
+        """The end of the history a penalty sees: its last penalty_last_n tokens (-1: all)."""
+        return history[-self.penalty_last_n:] if self.penalty_last_n > 0 else history
+
+    def _context(self, history, drafts) -> list[int]:
+        """What the penalties of a row after history + drafts see, as one history."""
+        return [*self._window(history), *drafts] if self.penalized else []
+
+    def choose(self, row: np.ndarray, history, drafts=(), allowed: np.ndarray | None = None) -> int:
+        """One token for one row [V] after history + drafts: greedy or a draw from the chain."""
+        ctx = self._context(history, drafts)
         if self.greedy:
-            return int(self.pick(row[None], history, (), allowed)[0])
-        return int(self.draw(self.probs(row[None], history, (), allowed))[0])
+            return int(self.pick(row[None], ctx, (), allowed)[0])
+        return int(self.draw(self.probs(row[None], ctx, (), allowed))[0])
 
     def draw(self, p: np.ndarray) -> np.ndarray:
         """One sample from each row of probabilities [n, V] (inverse CDF, vectorised)."""
@@ -177,7 +181,7 @@ class Sampler:
             if self.greedy:
                 toks.append(int(self.pick(logits[i:i + 1], history, toks)[0]))
             else:
-                q = self.probs(logits[i:i + 1], list(history) + toks)
+                q = self.probs(logits[i:i + 1], self._context(history, toks))
                 qs.append(q[0])
                 toks.append(int(self.draw(q)[0]))
         return np.array(toks, dtype=np.int64), (np.stack(qs) if qs else None)
