@@ -179,7 +179,7 @@ class Sampler:
         toks, qs = [], []
         for i in range(n):
             if self.greedy:
-                toks.append(int(self.pick(logits[i:i + 1], history, toks)[0]))
+                toks.append(int(self.pick(logits[i:i + 1], self._context(history, toks))[0]))
             else:
                 q = self.probs(logits[i:i + 1], self._context(history, toks))
                 qs.append(q[0])

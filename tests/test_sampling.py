@@ -155,3 +155,12 @@ def test_first_tokens_match_llama_cpp_in_both_modes(tiny_f16):
         assert mode == "ar" or drafted == 2000  # every second token went through the acceptance rule
         assert chi2_pvalue(counts, want) > 1e-3, mode
         assert chi2_pvalue(counts, old) < 1e-6, mode
+
+
+def test_greedy_drafts_under_penalties_see_the_drafts_before_them():
+    """Each drafted row is picked after the drafts before it, penalties included: with every
+    row preferring token 9 and a presence penalty, the second draft is not 9 again."""
+    logits = np.zeros((3, 10), dtype=np.float32) + np.arange(10, dtype=np.float32)
+    s = Sampler(temperature=0.0, presence_penalty=5.0, penalty_last_n=4)
+    d, q = s.sample_rows(logits, history=[1, 2], n=3)
+    assert q is None and list(d) == [9, 8, 7]
