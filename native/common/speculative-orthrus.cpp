@@ -182,6 +182,7 @@ static void orthrus_clear(std::vector<float> & dense, const orthrus_dist & dist)
 // A request's sampling state on one sequence.
 struct orthrus_seq {
     common_sampler * smpl = nullptr; // the slot's sampler (not owned)
+    llama_orthrus_policy * policy = nullptr; // auto_len: this sequence's length policy (owned)
     bool speculative = false;        // sampled drafts + speculative sampling apply
     std::mt19937 rng;
     int32_t last_drafted = 0;
@@ -196,14 +197,20 @@ struct common_orthrus_drafter {
     int32_t n_max = 0;     // most drafts per step; block = n_max + 1
     bool auto_len = false;
     bool match = false;    // sampled requests: greedy drafts and token matching
-    llama_orthrus_policy * policy = nullptr; // auto_len: made by the first draft's calibration
+    bool per_slot = false; // one diffusion forward per sequence (the old path, for comparison)
+    int32_t n_min = 0;     // --spec-draft-n-min: drafts shorter than this are dropped
+    float   p_min = 0.0f;  // --spec-draft-p-min: drafts end at a row whose top probability is lower
+    bool equal_len = false; // the KV cache is not unified: a forward's blocks have one length
+    bool calibrated = false; // auto_len: the costs below are measured
+    std::vector<double> cost_draft, cost_verify; // per warm width (auto_len)
     std::vector<orthrus_seq> seqs;
     std::vector<llama_token> rows;     // argmax per block row
     std::vector<float> scratch;        // dense q of one row (verify); all zero between uses
+    common_orthrus_stats stats;
 };
 
-common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max, bool auto_len, bool match,
-                                             uint32_t n_seq) {
+common_orthrus_drafter * common_orthrus_init(llama_context * ctx, const common_params_speculative & params, uint32_t n_seq) {
+    const int32_t n_max = params.draft.n_max;
     if (ctx == nullptr) {
         throw std::runtime_error("orthrus drafting needs the target context");
     }
@@ -222,8 +229,11 @@ common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max,
     auto * d = new common_orthrus_drafter();
     d->ctx = ctx;
     d->n_max = n_max;
-    d->auto_len = auto_len;
-    d->match = match;
+    d->auto_len = params.orthrus_auto;
+    d->match = params.orthrus_match;
+    d->per_slot = params.orthrus_per_slot;
+    d->n_min = std::max(0, params.draft.n_min);
+    d->p_min = params.draft.p_min;
     d->seqs.resize(n_seq);
     d->scratch.assign(llama_vocab_n_tokens(llama_model_get_vocab(model)), 0.0f);
     return d;
@@ -231,7 +241,9 @@ common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max,
 
 void common_orthrus_free(common_orthrus_drafter * d) {
     if (d != nullptr) {
-        llama_orthrus_policy_free(d->policy);
+        for (auto & S : d->seqs) {
+            llama_orthrus_policy_free(S.policy);
+        }
     }
     delete d;
 }
@@ -271,7 +283,9 @@ static void orthrus_calibrate(common_orthrus_drafter * d, llama_seq_id seq, llam
         td.push_back(w >= 2 ? llama_orthrus_calibration_cost(sd.data(), passes) : 0.0);
         tv.push_back(llama_orthrus_calibration_cost(sv.data(), passes));
     }
-    d->policy = llama_orthrus_policy_init(mb, td.data(), tv.data());
+    d->cost_draft  = td;
+    d->cost_verify = tv;
+    d->calibrated  = true;
     std::string s;
     for (size_t i = 0; i < widths.size(); ++i) {
         s += string_format(" %d:%.2f/%.2f", (int) widths[i], td[i] * 1e3, tv[i] * 1e3);
@@ -285,7 +299,9 @@ void common_orthrus_set_sampler(common_orthrus_drafter * d, llama_seq_id seq, co
         return;
     }
     auto & S = d->seqs[seq];
+    llama_orthrus_policy * policy = S.policy; // the length policy outlives the request
     S = orthrus_seq();
+    S.policy = policy;
     S.smpl = smpl;
     if (smpl == nullptr || d->match || params.temp <= 0.0f || params.mirostat != 0 ||
         common_sampler_has_constraints(smpl)) {
@@ -302,7 +318,7 @@ void common_orthrus_set_sampler(common_orthrus_drafter * d, llama_seq_id seq, co
 
 // Draw drafts from q, the slot's chain on each diffusion row; a clone of the sampler sees
 // the drafts so far, as the slot's sampler will see them when the verify accepts them.
-static void orthrus_sample_drafts(common_orthrus_drafter * d, orthrus_seq & S, int32_t n) {
+static void orthrus_sample_drafts(common_orthrus_drafter * d, orthrus_seq & S, int32_t row0, int32_t n) {
     const llama_vocab * vocab = llama_model_get_vocab(llama_get_model(d->ctx));
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     common_sampler * clone = common_sampler_clone(S.smpl);
@@ -310,7 +326,7 @@ static void orthrus_sample_drafts(common_orthrus_drafter * d, orthrus_seq & S, i
     S.q.resize(n);
     S.drafts.clear();
     for (int32_t i = 0; i < n; ++i) {
-        orthrus_warp(chain, llama_get_logits_ith(d->ctx, i), n_vocab, S.q[i], ORTHRUS_DRAFT_CANDIDATES);
+        orthrus_warp(chain, llama_get_logits_ith(d->ctx, row0 + i), n_vocab, S.q[i], ORTHRUS_DRAFT_CANDIDATES);
         if (S.q[i].empty()) {
             break;
         }
@@ -325,58 +341,211 @@ static void orthrus_sample_drafts(common_orthrus_drafter * d, orthrus_seq & S, i
     common_sampler_free(clone);
 }
 
-void common_orthrus_draft(common_orthrus_drafter * d, llama_seq_id seq, llama_token id_last,
-                          llama_pos pos0, int32_t n_max, std::vector<llama_token> & result) {
-    if (seq < 0 || (size_t) seq >= d->seqs.size()) {
-        return;
-    }
-    auto & S = d->seqs[seq];
-    S.last_drafted = 0;
-    S.drafts.clear();
+// The block length of one request (< 2: no draft this step).
+static int32_t orthrus_block_of(common_orthrus_drafter * d, const common_orthrus_draft_request & r) {
     int32_t n = d->n_max;
-    if (n_max >= 0) {
-        n = std::min(n, n_max);
+    if (r.n_max >= 0) {
+        n = std::min(n, r.n_max);
     }
-    if (n < 1) {
-        return;
+    if (n < 1 || n < d->n_min) {
+        return 0;
     }
     int32_t block = n + 1;
-    if (d->auto_len) {
-        if (d->policy == nullptr) {
-            orthrus_calibrate(d, seq, id_last, pos0);
-            if (d->policy == nullptr) {
-                ORT_WRN("%s", "auto: calibration failed, drafting the full length\n");
-                d->auto_len = false;
-            }
+    if (!d->auto_len) {
+        return block;
+    }
+    if (!d->calibrated) {
+        orthrus_calibrate(d, r.seq, r.id_last, r.pos0);
+        if (!d->calibrated) {
+            ORT_WRN("%s", "auto: calibration failed, drafting the full length\n");
+            d->auto_len = false;
+            return block;
         }
-        if (d->auto_len) {
-            block = llama_orthrus_policy_choose(d->policy, block);
-            if (block < 2) {
-                llama_orthrus_policy_update(d->policy, 0, 0); // a plain step: counts towards the next probe
+    }
+    auto & S = d->seqs[r.seq];
+    if (S.policy == nullptr) {
+        S.policy = llama_orthrus_policy_init(d->n_max + 1, d->cost_draft.data(), d->cost_verify.data());
+        if (S.policy == nullptr) {
+            return block;
+        }
+    }
+    block = llama_orthrus_policy_choose(S.policy, block);
+    if (block < 2 || block - 1 < d->n_min) {
+        llama_orthrus_policy_update(S.policy, 0, 0); // a plain step: counts towards the next probe
+        return 0;
+    }
+    return block;
+}
+
+// The softmax probability of the most likely token of a row of logits.
+static float orthrus_top_prob(const float * row, int32_t n_vocab) {
+    float mx = row[0];
+    for (int32_t j = 1; j < n_vocab; ++j) {
+        mx = std::max(mx, row[j]);
+    }
+    double sum = 0.0;
+    for (int32_t j = 0; j < n_vocab; ++j) {
+        sum += std::exp((double) row[j] - mx);
+    }
+    return (float) (1.0 / sum);
+}
+
+// How many of the n drafts from rows row0.. to keep: up to the first row whose top
+// probability is below p_min (upstream's --spec-draft-p-min), and none if fewer than n_min.
+static int32_t orthrus_keep(const common_orthrus_drafter * d, int32_t row0, int32_t n) {
+    if (d->p_min > 0.0f) {
+        const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(d->ctx)));
+        for (int32_t k = 0; k < n; ++k) {
+            if (orthrus_top_prob(llama_get_logits_ith(d->ctx, row0 + k), n_vocab) < d->p_min) {
+                n = k;
+                break;
             }
         }
     }
-    if (block < 2) {
+    return n < d->n_min ? 0 : n;
+}
+
+// One diffusion forward for the requests r[i] of `group` (width[i] tokens each, padded with
+// masks beyond blocks[i] where the forward needs one length), then the blocks[i] - 1 drafts
+// of each from its first rows. Returns the llama_orthrus_draft_seqs status.
+static int32_t orthrus_draft_group(common_orthrus_drafter * d, const std::vector<common_orthrus_draft_request> & reqs,
+                                   const std::vector<size_t> & group, const std::vector<int32_t> & width,
+                                   const std::vector<int32_t> & blocks) {
+    std::vector<llama_seq_id> seqs;
+    std::vector<llama_token>  ts;
+    std::vector<llama_pos>    ps;
+    std::vector<int32_t>      ns;
+    int32_t n_rows = 0;
+    for (size_t i : group) {
+        seqs.push_back(reqs[i].seq);
+        ts.push_back(reqs[i].id_last);
+        ps.push_back(reqs[i].pos0);
+        ns.push_back(width[i]);
+        n_rows += width[i];
+    }
+    const int32_t rc = llama_orthrus_draft_seqs(d->ctx, (int32_t) group.size(), seqs.data(), ts.data(), ps.data(), ns.data());
+    if (rc != 0) {
+        return rc;
+    }
+    d->stats.n_forwards += 1;
+    d->stats.n_blocks   += (int64_t) group.size();
+    bool have_argmax = false;
+    int32_t row0 = 0;
+    for (size_t i : group) {
+        const auto & r = reqs[i];
+        auto & S = d->seqs[r.seq];
+        // row row0 + k - 1 predicts position pos0 + k: drafts d1..dn from rows row0..row0+n-1
+        const int32_t n = orthrus_keep(d, row0, blocks[i] - 1);
+        if (n == 0) {
+            // nothing kept: the step is a plain decode
+        } else if (S.speculative) {
+            orthrus_sample_drafts(d, S, row0, n);
+            if ((int32_t) S.drafts.size() < d->n_min) {
+                S.drafts.clear(); // ended early at an end of generation
+                S.q.clear();
+            }
+            r.result->insert(r.result->end(), S.drafts.begin(), S.drafts.end());
+            S.last_drafted = (int32_t) S.drafts.size();
+        } else {
+            if (!have_argmax) {
+                d->rows.resize(n_rows);
+                if (llama_orthrus_argmax(d->ctx, n_rows, d->rows.data()) != 0) {
+                    return LLAMA_ORTHRUS_ERR_ROWS;
+                }
+                have_argmax = true;
+            }
+            r.result->insert(r.result->end(), d->rows.begin() + row0, d->rows.begin() + row0 + n);
+            S.last_drafted = n;
+        }
+        row0 += width[i];
+    }
+    return 0;
+}
+
+void common_orthrus_draft_all(common_orthrus_drafter * d, const std::vector<common_orthrus_draft_request> & reqs) {
+    std::vector<int32_t> blocks(reqs.size(), 0);
+    std::vector<size_t> todo;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+        const auto & r = reqs[i];
+        if (r.seq < 0 || (size_t) r.seq >= d->seqs.size() || r.result == nullptr) {
+            continue;
+        }
+        auto & S = d->seqs[r.seq];
+        S.last_drafted = 0;
+        S.drafts.clear();
+        blocks[i] = orthrus_block_of(d, r);
+        if (blocks[i] >= 2) {
+            todo.push_back(i);
+        }
+    }
+    if (todo.empty()) {
         return; // a plain decode pays more than a draft now
     }
-    const int32_t rc = llama_orthrus_draft(d->ctx, seq, id_last, pos0, block);
-    if (rc != 0) {
-        ORT_DBG("draft of %d at pos %d of seq %d failed: %s\n", block, pos0, seq, llama_orthrus_strerror(rc));
-        return;
+    d->stats.n_steps += 1;
+    // the requests in order, as few forwards as n_ubatch allows. Without a unified KV cache
+    // a forward's blocks share one length (llama_decode would cut unequal ones): shorter
+    // blocks are padded with masks to the longest (their extra rows are not used; on a GPU
+    // the width is nearly free), where the longer block still fits their context.
+    const int32_t cap = (int32_t) llama_n_ubatch(d->ctx);
+    const int64_t n_ctx_seq = (int64_t) llama_n_ctx_seq(d->ctx);
+    std::vector<int32_t> width(reqs.size(), 0);
+    std::vector<bool> done(reqs.size(), false);
+    size_t a = 0;
+    while (a < todo.size()) {
+        if (done[todo[a]]) {
+            ++a;
+            continue;
+        }
+        std::vector<size_t> group = {todo[a]};
+        int32_t n_tok = blocks[todo[a]];
+        int32_t len = blocks[todo[a]];
+        done[todo[a]] = true;
+        for (size_t b = a + 1; b < todo.size() && !d->per_slot; ++b) {
+            const size_t i = todo[b];
+            if (done[i]) {
+                continue;
+            }
+            if (!d->equal_len) {
+                if (n_tok + blocks[i] > cap) {
+                    continue;
+                }
+                n_tok += blocks[i];
+            } else {
+                const int32_t len2 = std::max(len, blocks[i]);
+                bool fits = (int64_t) (group.size() + 1) * len2 <= cap && reqs[i].pos0 + len2 <= n_ctx_seq;
+                for (size_t k = 0; k < group.size() && fits; ++k) {
+                    fits = reqs[group[k]].pos0 + len2 <= n_ctx_seq;
+                }
+                if (!fits) {
+                    continue;
+                }
+                len = len2;
+            }
+            group.push_back(i);
+            done[i] = true;
+        }
+        for (size_t i : group) {
+            width[i] = d->equal_len ? len : blocks[i];
+        }
+        int32_t rc = orthrus_draft_group(d, reqs, group, width, blocks);
+        if (rc == LLAMA_ORTHRUS_ERR_SPLIT && !d->equal_len) {
+            // one KV stream per sequence: from now on one length per forward
+            d->equal_len = true;
+            ORT_DBG("%s", "the KV cache is not unified: blocks of one length per forward\n");
+            for (size_t k : group) {
+                done[k] = false;
+            }
+            continue; // the same requests again, regrouped
+        }
+        if (rc != 0) {
+            ORT_DBG("draft of %zu sequences failed: %s\n", group.size(), llama_orthrus_strerror(rc));
+        }
+        ++a;
     }
-    // row i-1 predicts position pos0 + i: drafts d1..d(block-1) from rows 0..block-2
-    if (S.speculative) {
-        orthrus_sample_drafts(d, S, block - 1);
-        result.insert(result.end(), S.drafts.begin(), S.drafts.end());
-        S.last_drafted = (int32_t) S.drafts.size();
-        return;
-    }
-    d->rows.resize(block - 1);
-    if (llama_orthrus_argmax(d->ctx, block - 1, d->rows.data()) != 0) {
-        return;
-    }
-    result.insert(result.end(), d->rows.begin(), d->rows.end());
-    S.last_drafted = block - 1;
+}
+
+void common_orthrus_get_stats(const common_orthrus_drafter * d, common_orthrus_stats & out) {
+    out = d ? d->stats : common_orthrus_stats();
 }
 
 std::vector<llama_token> common_orthrus_sample_and_accept_n(common_orthrus_drafter * d, llama_seq_id seq,
@@ -452,8 +621,8 @@ void common_orthrus_accept(common_orthrus_drafter * d, llama_seq_id seq, int32_t
     }
     auto & S = d->seqs[seq];
     const int32_t drafted = S.last_drafted;
-    if (d->auto_len && d->policy != nullptr && drafted > 0) {
-        llama_orthrus_policy_update(d->policy, drafted, std::min(n_accepted, drafted));
+    if (d->auto_len && S.policy != nullptr && drafted > 0) {
+        llama_orthrus_policy_update(S.policy, drafted, std::min(n_accepted, drafted));
     }
     S.last_drafted = 0;
 }

@@ -35,20 +35,42 @@ common_orthrus_drafter * common_speculative_get_orthrus(common_speculative * spe
 // orthrus-qwen3. Returns false if orthrus drafting ends up disabled.
 bool common_orthrus_prepare(common_params & params);
 
-// ctx: the target context. n_max: most drafted tokens per step (block = n_max + 1).
-// auto_len: pick the length per step from measured costs and acceptance (may be 0).
-// match: sampled requests draft greedily and keep drafts by token matching (upstream's
-// rule) instead of speculative sampling.
+// ctx: the target context. From params: draft.n_max, the most drafted tokens per step
+// (block = n_max + 1); orthrus_auto, pick the length per step from measured costs and
+// acceptance (may be 0); orthrus_match, sampled requests draft greedily and keep drafts by
+// token matching (upstream's rule) instead of speculative sampling; orthrus_per_slot, one
+// diffusion forward per drafting sequence (the path before batched drafting, kept to
+// measure against it); draft.n_min, drafts shorter than this are dropped; draft.p_min,
+// drafts end at the first row whose top probability is lower (0: off).
 // Throws std::runtime_error when the model is not orthrus-qwen3 or n_max is out of range.
-common_orthrus_drafter * common_orthrus_init(llama_context * ctx, int32_t n_max, bool auto_len, bool match,
-                                             uint32_t n_seq);
+common_orthrus_drafter * common_orthrus_init(llama_context * ctx, const common_params_speculative & params, uint32_t n_seq);
 
 void common_orthrus_free(common_orthrus_drafter * d);
 
-// Draft at most n_max tokens following id_last, which sits at pos0 (the cache of seq holds
-// exactly the positions < pos0). Appends the drafts to result (nothing if a draft does not pay).
-void common_orthrus_draft(common_orthrus_drafter * d, llama_seq_id seq, llama_token id_last,
-                          llama_pos pos0, int32_t n_max, std::vector<llama_token> & result);
+// One sequence's draft request: at most n_max (< 0: no cap) tokens following id_last,
+// which sits at pos0 (the cache of seq holds exactly the positions < pos0); the drafts are
+// appended to *result (nothing if a draft does not pay).
+struct common_orthrus_draft_request {
+    llama_seq_id seq;
+    llama_token  id_last;
+    llama_pos    pos0;
+    int32_t      n_max;
+    std::vector<llama_token> * result;
+};
+
+// Draft for every request at once: one diffusion forward holds the blocks of all of them
+// (llama_orthrus_draft_seqs), more only where n_ubatch forbids it. Without a unified KV
+// cache a forward's blocks need one length: shorter ones are padded with masks (their
+// extra rows unused). Each sequence keeps its own auto length.
+void common_orthrus_draft_all(common_orthrus_drafter * d, const std::vector<common_orthrus_draft_request> & reqs);
+
+// Counters since init: server iterations that drafted, diffusion forwards, blocks drafted.
+struct common_orthrus_stats {
+    int64_t n_steps    = 0;
+    int64_t n_forwards = 0;
+    int64_t n_blocks   = 0;
+};
+void common_orthrus_get_stats(const common_orthrus_drafter * d, common_orthrus_stats & out);
 
 // A request starts on seq with sampler smpl (nullptr: none). Speculative sampling applies
 // when params.temp > 0, no grammar or reasoning budget constrains smpl, and its chain ends

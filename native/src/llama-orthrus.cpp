@@ -138,6 +138,7 @@ const char * llama_orthrus_strerror(int32_t status) {
         case LLAMA_ORTHRUS_ERR_DECODE:      return "llama_decode failed";
         case LLAMA_ORTHRUS_ERR_ROWS:        return "the last decode produced fewer rows of logits than asked for";
         case LLAMA_ORTHRUS_ERR_SEQ_RM:      return "could not remove the diffusion block from the KV cache";
+        case LLAMA_ORTHRUS_ERR_SPLIT:       return "the blocks of a multi-sequence draft would be split across ubatches (more than n_ubatch tokens, or lengths differ in a non-unified KV cache)";
         default:                            return "unknown orthrus status";
     }
 }
@@ -168,6 +169,11 @@ int32_t llama_model_orthrus_mask_token(const llama_model * model) {
 }
 
 int32_t llama_orthrus_draft(llama_context * ctx, llama_seq_id seq, llama_token t, llama_pos p, int32_t n_block) {
+    return llama_orthrus_draft_seqs(ctx, 1, &seq, &t, &p, &n_block);
+}
+
+int32_t llama_orthrus_draft_seqs(llama_context * ctx, int32_t n_seqs, const llama_seq_id * seqs,
+                                 const llama_token * ts, const llama_pos * ps, const int32_t * n_blocks) {
     if (ctx == nullptr) {
         return LLAMA_ORTHRUS_ERR_ARG;
     }
@@ -175,21 +181,62 @@ int32_t llama_orthrus_draft(llama_context * ctx, llama_seq_id seq, llama_token t
     if (om == nullptr) {
         return LLAMA_ORTHRUS_ERR_NOT_ORTHRUS;
     }
-    const int32_t n_vocab = orthrus_n_vocab(ctx);
-    const llama_token mask = (llama_token) om->mask_token_id;
-    if (n_block < 2 || t < 0 || t >= n_vocab || mask < 0 || mask >= n_vocab) {
+    if (n_seqs < 1 || seqs == nullptr || ts == nullptr || ps == nullptr || n_blocks == nullptr) {
         return LLAMA_ORTHRUS_ERR_ARG;
     }
-    if ((uint32_t) n_block > llama_n_ubatch(ctx)) {
-        return LLAMA_ORTHRUS_ERR_UBATCH;
+    const int32_t n_vocab = orthrus_n_vocab(ctx);
+    const llama_token mask = (llama_token) om->mask_token_id;
+    if (mask < 0 || mask >= n_vocab) {
+        return LLAMA_ORTHRUS_ERR_ARG;
     }
-    int32_t status = orthrus_check_span(ctx, seq, p, n_block);
-    if (status != LLAMA_ORTHRUS_OK) {
-        return status;
+    int64_t n_total = 0;
+    for (int32_t j = 0; j < n_seqs; ++j) {
+        if (n_blocks[j] < 2 || ts[j] < 0 || ts[j] >= n_vocab) {
+            return LLAMA_ORTHRUS_ERR_ARG;
+        }
+        for (int32_t k = 0; k < j; ++k) {
+            if (seqs[k] == seqs[j]) {
+                return LLAMA_ORTHRUS_ERR_ARG; // two blocks of one sequence would see each other
+            }
+        }
+        if ((uint32_t) n_blocks[j] > llama_n_ubatch(ctx)) {
+            return LLAMA_ORTHRUS_ERR_UBATCH;
+        }
+        const int32_t status = orthrus_check_span(ctx, seqs[j], ps[j], n_blocks[j]);
+        if (status != LLAMA_ORTHRUS_OK) {
+            return status;
+        }
+        n_total += n_blocks[j];
+    }
+    if (n_total > (int64_t) llama_n_ubatch(ctx)) {
+        return LLAMA_ORTHRUS_ERR_SPLIT;
+    }
+    if (n_total > (int64_t) llama_n_batch(ctx)) {
+        return LLAMA_ORTHRUS_ERR_BATCH;
+    }
+    // one KV stream per sequence: llama_decode splits the batch into equal per-sequence
+    // slices, which keeps every block whole only when all blocks have one length
+    const llama_cparams & cparams = ctx->get_cparams();
+    if (!cparams.kv_unified && llama_n_seq_max(ctx) > 1) {
+        for (int32_t j = 1; j < n_seqs; ++j) {
+            if (n_blocks[j] != n_blocks[0]) {
+                return LLAMA_ORTHRUS_ERR_SPLIT;
+            }
+        }
     }
 
-    std::vector<llama_token> block(n_block, mask);
-    block[0] = t;
+    llama_batch batch = llama_batch_init((int32_t) n_total, 0, 1);
+    int32_t i = 0;
+    for (int32_t j = 0; j < n_seqs; ++j) {
+        for (int32_t k = 0; k < n_blocks[j]; ++k, ++i) {
+            batch.token[i]     = k == 0 ? ts[j] : mask;
+            batch.pos[i]       = ps[j] + k;
+            batch.n_seq_id[i]  = 1;
+            batch.seq_id[i][0] = seqs[j];
+            batch.logits[i]    = 1;
+        }
+    }
+    batch.n_tokens = (int32_t) n_total;
 
     const int32_t view_org   = ctx->get_orthrus_view();
     const bool    causal_org = ctx->get_causal_attn();
@@ -197,11 +244,14 @@ int32_t llama_orthrus_draft(llama_context * ctx, llama_seq_id seq, llama_token t
     ctx->set_orthrus_view(1);
     ctx->set_causal_attn(false);
 
-    status = orthrus_decode_all(ctx, seq, block.data(), n_block, p);
+    int32_t status = orthrus_status_of_decode(llama_decode(ctx, batch));
+    llama_batch_free(batch);
 
-    // the block's diffusion K/V must never outlive the pass, whatever happened
-    if (!llama_memory_seq_rm(llama_get_memory(ctx), seq, p, -1) && status == LLAMA_ORTHRUS_OK) {
-        status = LLAMA_ORTHRUS_ERR_SEQ_RM;
+    // the blocks' diffusion K/V must never outlive the pass, whatever happened
+    for (int32_t j = 0; j < n_seqs; ++j) {
+        if (!llama_memory_seq_rm(llama_get_memory(ctx), seqs[j], ps[j], -1) && status == LLAMA_ORTHRUS_OK) {
+            status = LLAMA_ORTHRUS_ERR_SEQ_RM;
+        }
     }
 
     ctx->set_causal_attn(causal_org);
