@@ -32,10 +32,13 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_TREE = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
 
-TARGETS = ("llama", "llama-server", "llama-quantize")
-BINARIES = ("llama-server", "llama-quantize")
+# the server and the quantizer, the tools users benchmark, evaluate and calibrate with, and
+# the RPC server that runs part of a model on another machine
+BINARIES = ("llama-server", "llama-quantize", "llama-cli", "llama-bench", "llama-perplexity",
+            "llama-imatrix", "ggml-rpc-server")
+TARGETS = ("llama", *BINARIES)
 CMAKE_FLAGS = (
-    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_RPC=ON",
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
     # binaries find libllama/libggml beside them, in the build tree and once installed

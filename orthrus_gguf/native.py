@@ -35,9 +35,10 @@ ERR_ABORTED = -10
 ERR_DECODE = -11
 ERR_ROWS = -12
 ERR_SEQ_RM = -13
+ERR_SPLIT = -14
 
 # statuses returned before anything was decoded: the cache is as it was
-_UNCHANGED = (ERR_ARG, ERR_SEQ, ERR_BATCH, ERR_MEMORY, ERR_POS, ERR_CTX, ERR_UBATCH, ERR_NOT_ORTHRUS)
+_UNCHANGED = (ERR_ARG, ERR_SEQ, ERR_BATCH, ERR_MEMORY, ERR_POS, ERR_CTX, ERR_UBATCH, ERR_NOT_ORTHRUS, ERR_SPLIT)
 
 VIEW_AR = 0
 VIEW_DIFFUSION = 1
@@ -58,6 +59,8 @@ _SIGNATURES = {
     "llama_model_orthrus_mask_token": ([_p], _i32),
     # ctx, seq, t, p, n_block
     "llama_orthrus_draft": ([_p, _i32, _i32, _i32, _i32], _i32),
+    # ctx, n_seqs, seqs, ts, ps, n_blocks
+    "llama_orthrus_draft_seqs": ([_p, _i32] + [ctypes.POINTER(_i32)] * 4, _i32),
     # ctx, seq, tokens, n, p
     "llama_orthrus_verify": ([_p, _i32, ctypes.POINTER(_i32), _i32, _i32], _i32),
     "llama_orthrus_n_outputs": ([_p], _i32),
@@ -173,20 +176,102 @@ def gpu_layers_spec(value) -> int | str:
     return value
 
 
+def _ggml_base():
+    """ggml's device functions of the loaded build (the registry is in libggml, the device
+    interface in libggml-base), bound."""
+    st = load()
+    if getattr(st, "ggml", None) is None:
+        libs = [ctypes.CDLL(str(next(st.lib_dir.glob(f"{n}.*")))) for n in ("libggml", "libggml-base")]
+        ggml = SimpleNamespace()
+        for name, args, res in (("ggml_backend_reg_dev_count", [_p], ctypes.c_size_t),
+                                ("ggml_backend_reg_dev_get", [_p, ctypes.c_size_t], _p),
+                                ("ggml_backend_dev_count", [], ctypes.c_size_t),
+                                ("ggml_backend_dev_get", [ctypes.c_size_t], _p),
+                                ("ggml_backend_dev_type", [_p], ctypes.c_int)):
+            f = next(getattr(lib, name) for lib in libs if hasattr(lib, name))
+            f.argtypes, f.restype = args, res
+            setattr(ggml, name, f)
+        st.ggml = ggml
+    return st.ggml
+
+
+_DEV_GPU, _DEV_IGPU = 1, 2  # enum ggml_backend_dev_type
+
+
+def _local_gpus() -> list[int]:
+    """This machine's GPU devices (ggml_backend_dev_t). llama_supports_gpu_offload is no
+    answer: it is true on any build with the RPC backend, GPU or not."""
+    st = load()
+    st.llama_cpp.llama_supports_gpu_offload()  # loads the backends if none is registered yet
+    g = _ggml_base()
+    devs = [g.ggml_backend_dev_get(i) for i in range(g.ggml_backend_dev_count())]
+    return [d for d in devs if g.ggml_backend_dev_type(d) in (_DEV_GPU, _DEV_IGPU)]
+
+
 def gpu_layers(value) -> int:
-    """The layer count llama.cpp gets for n_gpu_layers: "all" is -1, "auto" all where the build
-    offloads to a GPU and none on a CPU-only build."""
+    """The layer count llama.cpp gets for n_gpu_layers: "all" is -1, "auto" all where this
+    machine has a GPU the build can use and none otherwise."""
     value = gpu_layers_spec(value)
     if value == "all":
         return -1
     if value == "auto":
-        return -1 if load().llama_cpp.llama_supports_gpu_offload() else 0
+        return -1 if _local_gpus() else 0
     return value
 
 
 def offloads(n_gpu_layers) -> bool:
-    """Whether a model loaded with n_gpu_layers puts layers on a GPU with this build."""
-    return gpu_layers(n_gpu_layers) != 0 and bool(load().llama_cpp.llama_supports_gpu_offload())
+    """Whether a model loaded with n_gpu_layers puts layers on a GPU of this machine."""
+    return gpu_layers(n_gpu_layers) != 0 and bool(_local_gpus())
+
+
+def rpc_endpoints(servers) -> list[str]:
+    """RPC servers as llama.cpp's --rpc takes them ("host:port,host:port" or a list), checked:
+    each is host:port with a port in [1, 65535] and answers a TCP connection now (llama.cpp
+    aborts the process on an endpoint it cannot reach or parse)."""
+    import socket
+    if servers is None:
+        return []
+    items = servers.split(",") if isinstance(servers, str) else list(servers)
+    out = []
+    for ep in items:
+        host, sep, port = str(ep).strip().rpartition(":")
+        if not isinstance(ep, str) or not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise OrthrusError(f"RPC server {ep!r} is not host:port (e.g. 192.168.1.7:50052)")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as e:
+            raise OrthrusError(f"RPC server {ep} does not answer ({e.strerror or e}): start "
+                               f"`ggml-rpc-server -H 0.0.0.0 -p {port}` on that machine (it is in "
+                               "`orthrus-gguf build`'s output) and check the network") from None
+        out.append(f"{host}:{port}")
+    if not out:
+        raise OrthrusError("rpc_servers is empty: give host:port of at least one ggml-rpc-server")
+    return out
+
+
+def offload_devices(servers) -> ctypes.Array | None:
+    """The NULL-terminated ggml_backend_dev_t list for llama_model_params.devices: the devices
+    of these RPC servers, then this machine's GPUs (llama.cpp's own order for --rpc), or None
+    (no servers: llama.cpp picks the devices itself). The servers are not registered with
+    ggml globally, so other models in this process never see them."""
+    endpoints = rpc_endpoints(servers)
+    if not endpoints:
+        return None
+    lib_dir = load().lib_dir
+    try:
+        rpc = ctypes.CDLL(str(next(lib_dir.glob("libggml-rpc.*"))))
+    except StopIteration:
+        raise OrthrusError(f"this build ({lib_dir}) has no RPC backend: rebuild with `orthrus-gguf build`") from None
+    rpc.ggml_backend_rpc_add_server.argtypes, rpc.ggml_backend_rpc_add_server.restype = [ctypes.c_char_p], _p
+    ggml = _ggml_base()
+    devs = []
+    for ep in endpoints:
+        reg = rpc.ggml_backend_rpc_add_server(ep.encode())
+        if not reg:
+            raise OrthrusError(f"RPC server {ep} reports no devices")
+        devs += [ggml.ggml_backend_reg_dev_get(reg, i) for i in range(ggml.ggml_backend_reg_dev_count(reg))]
+    devs += _local_gpus()
+    return (_p * (len(devs) + 1))(*devs, None)
 
 
 def exact_mode(value) -> str:
@@ -265,7 +350,8 @@ class NativeModel:
                  n_ubatch: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int | str = 0, kv_type: str | int = "f16", type_v: str | int | None = None,
                  flash_attn: bool | None = None, seq: int = 0, repack: bool = True,
-                 exact: bool | str = False):
+                 exact: bool | str = False, rpc_servers: str | list[str] | None = None,
+                 n_seq_max: int = 1, kv_unified: bool = False):
         self._ctx = self._model = None
         self._batch = None
         self._lock = threading.RLock()
@@ -278,6 +364,12 @@ class NativeModel:
         preflight(path)
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers(n_gpu_layers)
+        # RPC servers: llama.cpp's way to put layers on other machines (they count as GPUs)
+        self._devices = offload_devices(rpc_servers)
+        if self._devices is not None:
+            mp.devices = ctypes.cast(self._devices, ctypes.c_void_p).value
+            if n_gpu_layers == "auto":
+                mp.n_gpu_layers = -1
         mp.use_extra_bufts = repack  # CPU weight repacking (faster gemm kernels)
         self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
@@ -286,6 +378,8 @@ class NativeModel:
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
         cp.n_ubatch = n_ubatch if n_ubatch is not None else n_batch
+        cp.n_seq_max = n_seq_max  # sequences of the cache (this object decodes `seq`)
+        cp.kv_unified = kv_unified
         threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
