@@ -20,6 +20,8 @@ from .writer import convert_checkpoint
 # llama-quantize's ftype names (lower case) that need no importance matrix.
 QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l",
                "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
+# and those llama-quantize makes only with one (--imatrix)
+IMATRIX_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")
 LOSSLESS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
@@ -28,12 +30,28 @@ def llama_quantize() -> Path:
     return binary("llama-quantize", "k-quants of orthrus-qwen3 need the patched quantizer")
 
 
+def check_imatrix(imatrix) -> Path:
+    """An importance matrix file (llama-imatrix's output) that exists and can be read."""
+    p = Path(imatrix)
+    if not p.is_file() or not os.access(p, os.R_OK):
+        raise OrthrusError(f"--imatrix {imatrix}: no such readable file; make one with "
+                           "`llama-imatrix -m MODEL-f16.gguf -f calibration.txt -o imatrix.gguf`")
+    return p
+
+
 def convert_quantized(model, out, qtype: str, force: bool = False, progress: bool = True,
-                      threads: int | None = None) -> Path:
-    if qtype not in QUANT_TYPES:
+                      threads: int | None = None, imatrix: str | Path | None = None) -> Path:
+    """MODEL converted losslessly, then quantized by llama-quantize to qtype, with the
+    importance matrix `imatrix` if given (required by the IQ1/IQ2/IQ3 types)."""
+    if qtype in IMATRIX_TYPES and imatrix is None:
+        raise OrthrusError(f"--outtype {qtype} needs an importance matrix: pass --imatrix FILE "
+                           "(made by llama-imatrix on the f16 GGUF)")
+    if qtype not in QUANT_TYPES + IMATRIX_TYPES:
         from .writer import OUTTYPES
         raise OrthrusError(f"unknown --outtype {qtype!r}; expected one of "
-                           f"{', '.join(list(OUTTYPES) + list(QUANT_TYPES))}")
+                           f"{', '.join(list(OUTTYPES) + list(QUANT_TYPES))} (with --imatrix also "
+                           f"{', '.join(IMATRIX_TYPES)})")
+    imatrix = check_imatrix(imatrix) if imatrix is not None else None
     from .writer import default_outfile
     src = locate(model)
     out = Path(out) if out else default_outfile(src, qtype)
@@ -46,7 +64,8 @@ def convert_quantized(model, out, qtype: str, force: bool = False, progress: boo
     with tempfile.TemporaryDirectory(prefix=".orthrus-quant-", dir=out.parent) as tmp:
         base = convert_checkpoint(src, Path(tmp) / f"base-{base_type}.gguf", base_type, progress=progress)
         part = Path(tmp) / "quantized.gguf"
-        cmd = [str(tool), str(base), str(part), qtype.upper(), str(threads or os.cpu_count() or 1)]
+        cmd = [str(tool), *(["--imatrix", str(imatrix)] if imatrix else []),
+               str(base), str(part), qtype.upper(), str(threads or os.cpu_count() or 1)]
         rc, log = run_with_progress(cmd, f"quantizing to {qtype}", progress)
         if rc != 0 or not part.is_file():
             tail = "\n".join(log[-15:])

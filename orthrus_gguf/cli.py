@@ -55,12 +55,15 @@ def main():
 @click.option("--token", default=None, help="hub ids: a Hugging Face token (default: the logged-in one / HF_TOKEN)")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="hub ids: the download cache (default: huggingface_hub's)")
+@click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
+              help="importance matrix for llama-quantize types (from llama-imatrix on the f16 GGUF); "
+                   "required by iq1/iq2/iq3 types")
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
-def convert(model, out, outtype, revision, token, cache_dir, force):
+def convert(model, out, outtype, revision, token, cache_dir, imatrix, force):
     """Convert an Orthrus-Qwen3 checkpoint (local directory or hub id) to GGUF."""
     from .convert import convert
     path = convert(model, out, outtype.lower(), force=force, revision=revision, token=token,
-                   cache_dir=cache_dir)
+                   cache_dir=cache_dir, imatrix=imatrix)
     click.echo(f"wrote {path}")
 
 
@@ -80,7 +83,8 @@ def info(gguf_file):
 @click.option("--jobs", "-j", type=click.IntRange(1), default=None, help="parallel compile jobs (default: all cores)")
 @click.option("--force", is_flag=True, help="rebuild even if the cache has this build")
 def build(cuda, metal, vulkan, cpu, jobs, force):
-    """Build the patched llama.cpp (libllama, llama-server, llama-quantize) into the user cache."""
+    """Build the patched llama.cpp (libllama, llama-server, llama-quantize, llama-cli, llama-bench,
+    llama-perplexity, llama-imatrix, ggml-rpc-server) into the user cache."""
     from .build import build as run_build
     from .native import link_llama_cpp_lib
     chosen = [name for name, on in (("cuda", cuda), ("metal", metal), ("vulkan", vulkan), ("cpu", cpu)) if on]
@@ -282,12 +286,15 @@ def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot,
 @click.option("--max-tokens", "-n", default=128, show_default=True)
 @click.option("--temp", default=0.0, show_default=True, help="temperature of every request")
 @click.option("--setting", "settings", multiple=True, default=("off", "speculative", "match"), show_default=True,
-              type=click.Choice(["off", "speculative", "match", "auto"]),
-              help="servers to compare (repeatable); 'off' is always run, as the baseline")
+              type=click.Choice(["off", "speculative", "match", "auto", "per-slot"]),
+              help="servers to compare (repeatable); 'off' is always run, as the baseline; 'per-slot' "
+                   "drafts each slot with its own diffusion forward (the path before batched drafting)")
 @click.option("--draft-max", default=None, help="drafts per step of the drafting servers (default: block size - 1)")
+@click.option("-c", "--concurrency", "concurrency", multiple=True, type=click.IntRange(1), default=(1,),
+              show_default=True, help="requests in flight at once, with as many server slots (repeatable)")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="also write the report as JSON")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def bench_server(model, prompts, max_tokens, temp, settings, draft_max, json_out, extra):
+def bench_server(model, prompts, max_tokens, temp, settings, draft_max, concurrency, json_out, extra):
     """llama-server with drafting off against Orthrus drafting: speed, acceptance, identity.
     llama-server flags go after -- (e.g. -- -t 4 -ngl 99)."""
     import json
@@ -297,8 +304,10 @@ def bench_server(model, prompts, max_tokens, temp, settings, draft_max, json_out
     from .serve_bench import format_server_report, run_server_bench
     if not os.path.isfile(model):
         raise OrthrusError(f"{model}: no such file")
+    if json_out:
+        _check_writable(json_out)  # before the run, not after it
     rep = run_server_bench(model, load_prompts(prompts), max_tokens, temp, settings,
-                           block_option(draft_max), extra, progress=click.echo)
+                           block_option(draft_max), extra, progress=click.echo, concurrency=concurrency)
     click.echo(format_server_report(rep))
     if json_out:
         with open(json_out, "w") as f:
@@ -318,19 +327,39 @@ def demo(outtypes, max_tokens, threads, n_gpu_layers, json_out):
     run_demo(outtypes, max_tokens, n_threads=threads, n_gpu_layers=n_gpu_layers, json_out=json_out)
 
 
+def draft_max_option(value):
+    if value is None or value in ("off", "auto"):
+        return value
+    if not value.isdigit():
+        raise click.BadParameter(f"expected an integer, 'auto' or 'off', got {value!r}",
+                                 param_hint="'--draft-max'")
+    return int(value)
+
+
+def no_draft_model(ctx, param, value):
+    if value is not None:
+        from .serve import NO_DRAFT_MODEL
+        raise click.BadParameter(NO_DRAFT_MODEL)
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("-m", "--model", required=True, type=click.Path(), help="GGUF file")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True)
-@click.option("--draft-max", default=None, help="drafts per step: an integer, or 'auto' (default: block size - 1)")
-@click.option("-np", "--parallel", "n_parallel", default=1, show_default=True, help="server slots")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--spec-draft-n-max", "--draft-max", "draft_max", default=None,
+              help="drafts per step: an integer, 'auto' (chosen per step) or 'off' (no drafting); "
+                   "default: block size - 1")
+@click.option("-np", "--parallel", "n_parallel", type=click.IntRange(1), default=None,
+              help="server slots (default: llama-server's, which picks the count itself)")
 @click.option("--rule", type=click.Choice(["speculative", "match"]), default="speculative", show_default=True,
               help="temperature > 0: speculative sampling against the draft, or token matching")
+@click.option("-md", "--model-draft", hidden=True, expose_value=False, callback=no_draft_model)
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def serve(model, host, port, draft_max, n_parallel, rule, extra):
-    """Run llama-server with Orthrus drafting; llama-server flags go after --."""
+    """Run llama-server with Orthrus drafting; llama-server flags go after --
+    (--spec-draft-n-min and --spec-draft-p-min among them)."""
     from .serve import serve as run_serve
-    sys.exit(run_serve(model, host, port, block_option(draft_max), n_parallel, extra, echo=click.echo,
+    sys.exit(run_serve(model, host, port, draft_max_option(draft_max), n_parallel, extra, echo=click.echo,
                        rule=rule))
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -37,26 +38,68 @@ def model_block_size(model: str | Path) -> int:
     return int(info.get("diffusion.block_size") or 0)
 
 
+# llama-server flags that serve sets itself: given after --, they would fight serve's own
+# (llama.cpp appends --spec-type values; a second --port leaves serve polling the first)
+OWN_FLAGS = {
+    "-m": "-m", "--model": "-m", "--host": "--host", "--port": "--port",
+    "-np": "-np", "--parallel": "-np",
+    "--spec-type": "--draft-max off|N|auto", "--spec-draft-n-max": "--draft-max", "--draft-max": "--draft-max",
+    "--spec-orthrus-auto": "--draft-max auto", "--spec-orthrus-match": "--rule match",
+    "-md": "nothing (no draft model)", "--model-draft": "nothing (no draft model)",
+}
+NO_DRAFT_MODEL = ("Orthrus drafts with the model's own diffusion view: there is no draft model "
+                  "(-md/--model-draft); serve the orthrus-qwen3 GGUF alone with -m")
+
+
+def check_extra(extra) -> None:
+    """Refuse llama-server flags after -- that serve owns, naming serve's option instead;
+    check --rpc servers answer (llama-server aborts on one it cannot reach)."""
+    from .native import rpc_endpoints
+    extra = [str(a) for a in extra]
+    for i, a in enumerate(extra):
+        name, eq, value = a.partition("=")
+        if name == "--rpc":
+            rpc_endpoints(value if eq else (extra[i + 1] if i + 1 < len(extra) else ""))
+        if name in ("-md", "--model-draft"):
+            raise OrthrusError(NO_DRAFT_MODEL)
+        if name in OWN_FLAGS:
+            raise OrthrusError(f"{name} after -- would fight serve's own setting: use serve's "
+                               f"{OWN_FLAGS[name]} instead (see orthrus-gguf serve --help)")
+
+
 def server_command(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
-                   draft_max: int | str | None = None, n_parallel: int = 1,
+                   draft_max: int | str | None = None, n_parallel: int | None = None,
                    extra: tuple[str, ...] | list[str] = (), drafting: bool = True,
-                   exe: Path | None = None, rule: str = "speculative") -> tuple[list[str], str]:
+                   exe: Path | None = None, rule: str = "speculative",
+                   per_slot: bool = False) -> tuple[list[str], str]:
     """The llama-server command line, and a one-line note on how it drafts.
 
-    draft_max: None (block size - 1), an integer in [1, block size - 1], or "auto" (the
-    length is chosen per step from measured costs and acceptance, up to block size - 1).
+    draft_max: None (block size - 1), an integer in [1, block size - 1], "auto" (the
+    length is chosen per step from measured costs and acceptance, up to block size - 1),
+    or "off" (no drafting: the GGUF served as plain llama-server serves it).
+    n_parallel: server slots (None: llama-server's default, which picks the count itself).
     rule: how requests with temperature > 0 keep drafts: "speculative" (drafts sampled
     from the diffusion view, kept with probability min(1, p/q)) or "match" (greedy drafts,
-    kept while the model's own sample equals them: llama.cpp's usual rule)."""
+    kept while the model's own sample equals them: llama.cpp's usual rule).
+    per_slot: one diffusion forward per drafting slot (the path before batched drafting;
+    only to measure against it)."""
     exe = exe or server_binary()
-    if not isinstance(n_parallel, int) or n_parallel < 1:
+    if n_parallel is not None and (isinstance(n_parallel, bool) or not isinstance(n_parallel, int)
+                                   or n_parallel < 1):
         raise OrthrusError(f"-np must be an integer >= 1, got {n_parallel!r}")
     if rule not in ("speculative", "match"):
         raise OrthrusError(f"rule must be 'speculative' or 'match', got {rule!r}")
-    cmd = [str(exe), "-m", str(model), "--host", host, "--port", str(port), "-np", str(n_parallel)]
+    check_port(port, host=None)
+    cmd = [str(exe), "-m", str(model), "--host", host, "--port", str(port)]
+    if n_parallel is not None:
+        cmd += ["-np", str(n_parallel)]
     block = model_block_size(model)
+    if draft_max == "off":
+        drafting, why = False, "--draft-max off"
+    else:
+        why = "asked for"
     if not drafting:
-        note = "drafting off (asked for)"
+        note = f"drafting off ({why})"
     elif block < 2:
         note = f"drafting off: {model} is not an {ORTHRUS_ARCH} GGUF (no diffusion view)"
     else:
@@ -71,6 +114,9 @@ def server_command(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
         if rule == "match":
             cmd += ["--spec-orthrus-match"]
             note += "; sampled requests keep drafts by token matching"
+        if per_slot:
+            cmd += ["--spec-orthrus-per-slot"]
+            note += "; one diffusion forward per slot (the old path)"
     return cmd + [str(a) for a in extra], note
 
 
@@ -78,11 +124,45 @@ def _draft_max(value, block: int) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise OrthrusError(f"--draft-max must be an integer or 'auto', got {value!r}") from None
+        raise OrthrusError(f"--draft-max must be an integer, 'auto' or 'off', got {value!r}") from None
     if not 1 <= n <= block - 1:
-        raise OrthrusError(f"--draft-max must be in [1, {block - 1}] (block size - 1 of the GGUF) "
-                           f"or 'auto', got {n}")
+        raise OrthrusError(f"--draft-max must be in [1, {block - 1}] (block size - 1 of the GGUF), "
+                           f"'auto' or 'off', got {n}")
     return n
+
+
+def check_port(port, host: str | None = "127.0.0.1") -> None:
+    """port is a TCP port number; with a host, also one that nothing listens on there now
+    (else llama-server would fail to bind, or serve would mistake another server for it)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise OrthrusError(f"--port must be an integer in [1, 65535], got {port!r}")
+    if host is None:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise OrthrusError(f"--host {host!r} does not resolve ({e}): give an address such as 127.0.0.1 "
+                           "or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as llama-server binds
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise OrthrusError(f"cannot listen on {host}:{port}: {e.strerror or e}; another server "
+                               "probably uses the port: stop it or choose another --port") from None
+
+
+def _die_with_parent(parent: int):
+    """For Popen's preexec_fn on Linux: the child gets SIGTERM when the thread that started
+    it ends, even by SIGKILL, so that no llama-server outlives serve."""
+    def hook():
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call
+            os._exit(1)
+    return hook
 
 
 class Server:
@@ -105,9 +185,13 @@ class Server:
         if self.log_path is not None:
             self._log = open(self.log_path, "wb")
             out = self._log
-        # its own session: Ctrl-C reaches only us, and we stop it in order
+        check_port(self.port, self.host)  # a busy port: a clear error, not another server's /health
+        # its own session: Ctrl-C reaches only us, and we stop it in order; on Linux it also
+        # dies with us if we are killed outright
+        hook = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=self.env,
+                                     preexec_fn=hook)
         try:
             self.wait_ready()
         except BaseException:
@@ -123,7 +207,7 @@ class Server:
                                    f"was ready{self._tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self.proc.poll() is None:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
@@ -173,19 +257,23 @@ def server_env() -> dict:
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
-          draft_max: int | str | None = None, n_parallel: int = 1,
+          draft_max: int | str | None = None, n_parallel: int | None = None,
           extra: tuple[str, ...] | list[str] = (), echo=print, rule: str = "speculative") -> int:
     """Run llama-server in the foreground with Orthrus drafting until Ctrl-C (or it exits)."""
     if not Path(model).is_file():
         raise OrthrusError(f"{model}: no such file")
+    check_extra(extra)
     cmd, note = server_command(model, host, port, draft_max, n_parallel, extra, rule=rule)
+    check_port(port, host)
     echo(note)
     server = Server(cmd, host, port, timeout=600.0, env=server_env())
-    # Ctrl-C (even where the shell started us with SIGINT ignored) and SIGTERM (a service
-    # manager) both stop the server in order
+    # Ctrl-C (even where the shell started us with SIGINT ignored), SIGTERM (a service
+    # manager), SIGHUP (the terminal closed) and SIGQUIT all stop the server in order;
+    # SIGKILL cannot be caught: the server's death signal (Linux) covers it
     def interrupt(*_):
         raise KeyboardInterrupt
-    old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n)]
+    old = {sig: signal.signal(sig, interrupt) for sig in sigs}
     try:
         server.start()
         echo(f"serving {model} at {server.url} (OpenAI API under {server.url}/v1); Ctrl-C stops it")

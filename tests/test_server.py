@@ -277,13 +277,14 @@ def test_bench_server_reports_identity_and_acceptance(gguf, tmp_path):
     from orthrus_gguf.errors import OrthrusError
     rep = run_server_bench(gguf, {"p": PROMPTS[:4]}, max_tokens=16, settings=("speculative",),
                            extra=EXACT, log_dir=tmp_path, progress=lambda *_: None)
-    off, on = rep["groups"]["p"]["off"], rep["groups"]["p"]["speculative"]
+    g = rep["runs"][0]["groups"]["p"]
+    off, on = g["off"], g["speculative"]
     assert on["identical"] == 4 and off["draft_n"] == 0 and "identical" not in off
     assert 0 < on["draft_n_accepted"] <= on["draft_n"] and on["predicted_n"] == off["predicted_n"]
     assert on["vs_off"] == pytest.approx(on["tokens_per_second"] / off["tokens_per_second"])
     assert on["tokens_per_step"] == pytest.approx(on["predicted_n"] / (on["predicted_n"] - on["draft_n_accepted"]))
     assert "4/4" in format_server_report(rep)
-    assert (tmp_path / "orthrus-bench-server-speculative.log").is_file()
+    assert (tmp_path / "orthrus-bench-server-speculative-c1.log").is_file()
     with pytest.raises(OrthrusError, match="unknown setting"):
         run_server_bench(gguf, {"p": PROMPTS[:1]}, settings=("fast",))
 
