@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from .config import OrthrusConfig, read_json
-from .errors import OrthrusError
+from .errors import OrthrusError, interruption
 from .convert import schema
 
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -206,7 +206,11 @@ class Checkpoint:
             except OrthrusError:
                 raise
             except Exception as e:
-                # Ctrl-C inside the reader can come back wrapped in the reader's own error
+                # a stop signal inside the reader can come back wrapped in the reader's own
+                # error: the CLI's handler noted it; outside the CLI, look inside the error
+                stop = interruption()
+                if stop is not None:
+                    raise stop from e
                 if any(isinstance(x, KeyboardInterrupt) for x in (e.__cause__, e.__context__)) \
                         or "KeyboardInterrupt" in str(e):
                     raise KeyboardInterrupt from e

@@ -6,27 +6,15 @@ import sys
 import click
 
 from . import native
-from .errors import OrthrusError
-
-
-class Signalled(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised like Ctrl-C so every cleanup (temporary files, child
-    processes) runs on the way out."""
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_signal(signum, frame):
-    raise Signalled(signum)
+from .errors import OrthrusError, raise_signal
 
 
 class Group(click.Group):
     def invoke(self, ctx):
         import signal
-        for name in ("SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), _raise_signal)
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
+                signal.signal(getattr(signal, name), raise_signal)
         try:
             return super().invoke(ctx)
         except OrthrusError as e:

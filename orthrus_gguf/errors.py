@@ -10,3 +10,32 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
         want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise OrthrusError(f"{name} must be an integer {want}, got {value!r}")
     return int(value)
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised like Ctrl-C so every cleanup (temporary files, child
+    processes) runs on the way out."""
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_signalled: list[int] = []  # the signals the CLI's handlers have seen, in order
+
+
+def raise_signal(signum, frame=None):
+    """The CLI's handler for the stop signals: note the signal, then raise Signalled. The
+    note lets code that catches a library's error tell an interruption inside the library
+    (which may come back wrapped in the library's own exception) from a real failure."""
+    _signalled.append(signum)
+    raise Signalled(signum)
+
+
+def interruption() -> Signalled | None:
+    """The Signalled to raise again if a stop signal arrived since the last call (None
+    otherwise); the note is consumed."""
+    if not _signalled:
+        return None
+    signum = _signalled[-1]
+    _signalled.clear()
+    return Signalled(signum)

@@ -140,6 +140,51 @@ def test_a_signal_during_convert_leaves_nothing_behind(tmp_path, sig):
     assert list(out.iterdir()) == []
 
 
+def test_a_signal_inside_the_tensor_reader_is_an_interruption_not_a_corrupt_file(tiny_ckpt, monkeypatch):
+    """Ctrl-C that lands inside safetensors' reader can come back as the reader's own error;
+    the CLI's handler notes the signal, so the read reports an interruption (exit 130), not
+    a corrupt checkpoint (exit 2). A real read error stays an OrthrusError."""
+    import os
+    import signal
+
+    import safetensors
+
+    from orthrus_gguf import errors
+    from orthrus_gguf.checkpoint import Checkpoint
+    ck = Checkpoint(tiny_ckpt())
+
+    class Reader:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def get_tensor(self, name):
+            if self.fail == "signal":
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)  # the handler runs inside the "library"
+                except KeyboardInterrupt:
+                    pass
+            raise RuntimeError("reader failed")  # ... which wraps it in its own error
+
+    old = signal.signal(signal.SIGINT, errors.raise_signal)
+    try:
+        monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: Reader("error"))
+        with pytest.raises(errors.OrthrusError, match="cannot read"):
+            next(ck.tensors())
+        monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: Reader("signal"))
+        with pytest.raises(KeyboardInterrupt) as e:
+            next(ck.tensors())
+        assert getattr(e.value, "signum", None) == signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, old)
+        errors._signalled.clear()
+
+
 def test_converted_files_take_the_umask(tiny_ckpt, tmp_path):
     import os
 

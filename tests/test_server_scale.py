@@ -175,6 +175,17 @@ def test_draft_n_min_and_p_min_are_honoured(gguf, off4, tmp_path_factory, reques
     assert any(0 < c < counts[0] for c in counts), counts
 
 
+def test_slot_count_defaults_to_llama_servers_own(gguf):
+    """serve passes -np only when asked (llama-server's default picks the count itself), and
+    spells the draft length the way upstream does (--spec-draft-n-max)."""
+    cmd, _ = server_command(gguf, port=1)
+    assert "-np" not in cmd and "--spec-draft-n-max" in cmd
+    cmd3 = server_command(gguf, port=1, n_parallel=3)[0]
+    assert cmd3[cmd3.index("-np") + 1] == "3"
+    r = _serve("-m", str(gguf), "--spec-draft-n-max", "99")
+    assert r.returncode == 2 and "--draft-max must be in [1, 7]" in r.stderr, r.stderr
+
+
 def test_draft_max_off_serves_without_drafting(gguf, off4, tmp_path_factory, request):
     cmd, note = server_command(gguf, port=1, draft_max="off")
     assert "--spec-type" not in cmd and "drafting off (--draft-max off)" in note
