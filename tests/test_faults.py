@@ -1,5 +1,6 @@
 """Misuse of a model object never costs a crash: use after close and use from two threads
 end in a clear OrthrusError (issue "bad input and faults")."""
+import os
 import threading
 
 import pytest
@@ -183,6 +184,32 @@ def test_a_signal_inside_the_tensor_reader_is_an_interruption_not_a_corrupt_file
     finally:
         signal.signal(signal.SIGINT, old)
         errors._signalled.clear()
+
+
+def test_a_full_disk_while_writing_is_an_error_and_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    """The disk fills up (ENOSPC) halfway through the tensor data: an OrthrusError naming the
+    cause, and the output folder as it was (no .part file). Read-only folders and quotas
+    end the same way; this is the one a root test process can provoke."""
+    import errno
+
+    from gguf import GGUFWriter
+
+    from orthrus_gguf.convert import convert
+    from orthrus_gguf.errors import OrthrusError
+    calls = {"n": 0}
+    real = GGUFWriter.write_tensor_data
+
+    def write(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **k)
+    monkeypatch.setattr(GGUFWriter, "write_tensor_data", write)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OrthrusError, match="writing failed .No space left on device.; check the free space"):
+        convert(tiny_ckpt(), out / "m.gguf", "f16", progress=False)
+    assert calls["n"] == 3 and list(out.iterdir()) == []
 
 
 def test_converted_files_take_the_umask(tiny_ckpt, tmp_path):
