@@ -83,6 +83,18 @@ def test_one_diffusion_forward_drafts_every_slot(gguf, off4, tmp_path_factory, r
     assert sum(t.get("draft_n_accepted", 0) for _, t in got) > 0
 
 
+def test_auto_length_per_slot_with_batched_drafting(gguf, off4, tmp_path_factory, request):
+    """--draft-max auto at -np 4: each slot keeps its own policy (calibrated once), the
+    drafting slots of an iteration still share one forward, and the texts equal off's."""
+    on = start(tmp_path_factory, gguf, request, n_parallel=CONC, draft_max="auto")
+    prompts = PROMPTS[8:8 + CONC]
+    got = concurrent(on, prompts)
+    assert [t for t, _ in got] == [t for t, _ in concurrent(off4, prompts)]
+    m = metrics(on)
+    assert m["orthrus_draft_forwards_total"] == m["orthrus_draft_steps_total"], m
+    assert "auto: measured width:draft/verify ms" in on.log_path.read_text(errors="replace")
+
+
 def test_per_slot_flag_drafts_each_slot_alone(gguf, off4, tmp_path_factory, request):
     """--spec-orthrus-per-slot (the path before batched drafting, kept to measure against):
     one forward per slot draft, the same texts."""
