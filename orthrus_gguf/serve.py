@@ -155,13 +155,17 @@ def check_port(port, host: str | None = "127.0.0.1") -> None:
 
 def _die_with_parent(parent: int):
     """For Popen's preexec_fn on Linux: the child gets SIGTERM when the thread that started
-    it ends, even by SIGKILL, so that no llama-server outlives serve."""
+    it ends, even by SIGKILL, so that no llama-server outlives serve. Everything the hook
+    needs is looked up here, in the parent: between fork and exec the child must not import
+    or take locks another thread may hold."""
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    getppid, exit_ = os.getppid, os._exit
+
     def hook():
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the call
-            os._exit(1)
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if getppid() != parent:  # the parent died before the call
+            exit_(1)
     return hook
 
 
