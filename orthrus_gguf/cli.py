@@ -281,25 +281,30 @@ def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot,
 @click.option("-c", "--concurrency", "concurrency", multiple=True, type=click.IntRange(1), default=(1,),
               show_default=True, help="requests in flight at once, with as many server slots (repeatable)")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="also write the report as JSON")
+@click.option("--plot", type=click.Path(), default=None,
+              help="also plot throughput and forwards per drafting step by concurrency (PNG)")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def bench_server(model, prompts, max_tokens, temp, settings, draft_max, concurrency, json_out, extra):
+def bench_server(model, prompts, max_tokens, temp, settings, draft_max, concurrency, json_out, plot, extra):
     """llama-server with drafting off against Orthrus drafting: speed, acceptance, identity.
     llama-server flags go after -- (e.g. -- -t 4 -ngl 99)."""
     import json
     import os
 
     from .bench import load_prompts
-    from .serve_bench import format_server_report, run_server_bench
+    from .serve_bench import format_server_report, plot_server_report, run_server_bench
     if not os.path.isfile(model):
         raise OrthrusError(f"{model}: no such file")
-    if json_out:
-        _check_writable(json_out)  # before the run, not after it
+    for path in (json_out, plot):
+        if path:
+            _check_writable(path)  # before the run, not after it
     rep = run_server_bench(model, load_prompts(prompts), max_tokens, temp, settings,
                            block_option(draft_max), extra, progress=click.echo, concurrency=concurrency)
     click.echo(format_server_report(rep))
     if json_out:
         with open(json_out, "w") as f:
             json.dump(rep, f, indent=2)
+    if plot:
+        click.echo(f"plot: {plot_server_report(rep, plot)}")
 
 
 @main.command()

@@ -148,3 +148,37 @@ def format_server_report(rep: dict) -> str:
                              f"{r['tokens_per_step']:>10.2f}{r['draft_n']:>9}{r['draft_n_accepted']:>10}"
                              f"{100 * r['acceptance']:>7.1f}{fps:>9}" + (f"{same:>8}" if same_col else ""))
     return "\n".join(lines)
+
+
+LABELS = {"speculative": "batched drafting", "per-slot": "per-slot drafting", "match": "token matching"}
+
+
+def plot_server_report(rep: dict, path: str | Path) -> Path:
+    """Throughput against drafting off, and diffusion forwards per drafting step, by
+    concurrency: one line per prompt group and setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    concs = [r["concurrency"] for r in rep["runs"]]
+    groups = list(rep["runs"][0]["groups"])
+    names = [n for n in rep["runs"][0]["groups"][groups[0]] if n != "off"]
+    for group in groups:
+        for name in names:
+            recs = [r["groups"][group][name] for r in rep["runs"]]
+            label = f"{group}, {LABELS.get(name, name)}"
+            ax1.plot(concs, [x["vs_off"] for x in recs], marker="o", label=label)
+            ax2.plot(concs, [x["draft_forwards"] / x["draft_steps"] if x["draft_steps"] else 0 for x in recs],
+                     marker="o", label=label)
+    ax1.axhline(1.0, color="#aaa", linestyle=":")
+    ax1.set(xlabel="concurrent requests (= server slots)", ylabel="tokens/s ÷ drafting off",
+            title=f"throughput, T = {rep['temperature']}")
+    ax2.set(xlabel="concurrent requests (= server slots)", ylabel="diffusion forwards per drafting step",
+            title="forwards per drafting step")
+    for ax in (ax1, ax2):
+        ax.set_xticks(concs)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -119,6 +119,9 @@ def test_bench_server_concurrency_reports_forwards(gguf, tmp_path):
     assert g["per-slot"]["draft_forwards"] >= g["per-slot"]["draft_steps"] > 0
     assert g["off"]["draft_steps"] == 0
     assert " 2  p" in format_server_report(rep)
+    from orthrus_gguf.serve_bench import plot_server_report
+    png = plot_server_report(rep, tmp_path / "server.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- probabilities of drafted tokens
