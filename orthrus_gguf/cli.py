@@ -84,11 +84,13 @@ def build(cuda, metal, vulkan, cpu, jobs, force):
     click.echo(str(path))
 
 
-def block_option(value):
-    if value is None or value == "auto":
+def int_or(value, words=("auto",), param_hint=None):
+    """An option that is an integer or one of `words` (None passes through)."""
+    if value is None or value in words:
         return value
     if not value.isdigit():
-        raise click.BadParameter(f"expected an integer or 'auto', got {value!r}")
+        *head, last = ("an integer", *(f"'{w}'" for w in words))
+        raise click.BadParameter(f"expected {', '.join(head)} or {last}, got {value!r}", param_hint=param_hint)
     return int(value)
 
 
@@ -193,7 +195,7 @@ def generate(model, prompt, prompt_file, chat, system_prompt, max_tokens, temp, 
         for piece in m.steps(prompt, max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                              repeat_penalty=repeat_penalty, penalty_last_n=repeat_last_n,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                             seed=seed, grammar=grammar, mode=mode, block_size=block_option(block_size)):
+                             seed=seed, grammar=grammar, mode=mode, block_size=int_or(block_size)):
             click.echo(piece.text, nl=False)
             stats.add(piece.step)
         click.echo()
@@ -242,7 +244,7 @@ def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot,
             with open(json_out, "w") as f:
                 json.dump(rep, f, indent=2)
         return
-    blocks = [block_option(b) for b in block_sizes] if block_sizes else [None, "auto"]
+    blocks = [int_or(b) for b in block_sizes] if block_sizes else [None, "auto"]
     rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, chat=chat, costs=costs,
                     graph_slots=graph_slots, progress=say, **mk)
     if output == "json":
@@ -298,7 +300,7 @@ def bench_server(model, prompts, max_tokens, temp, settings, draft_max, concurre
         if path:
             _check_writable(path)  # before the run, not after it
     rep = run_server_bench(model, load_prompts(prompts), max_tokens, temp, settings,
-                           block_option(draft_max), extra, progress=click.echo, concurrency=concurrency)
+                           int_or(draft_max), extra, progress=click.echo, concurrency=concurrency)
     click.echo(format_server_report(rep))
     if json_out:
         with open(json_out, "w") as f:
@@ -318,15 +320,6 @@ def demo(outtypes, max_tokens, threads, n_gpu_layers, json_out):
     """Convert the embedded orthrus-tiny and race AR against Orthrus on held-out prompts."""
     from .demo import run_demo
     run_demo(outtypes, max_tokens, n_threads=threads, n_gpu_layers=n_gpu_layers, json_out=json_out)
-
-
-def draft_max_option(value):
-    if value is None or value in ("off", "auto"):
-        return value
-    if not value.isdigit():
-        raise click.BadParameter(f"expected an integer, 'auto' or 'off', got {value!r}",
-                                 param_hint="'--draft-max'")
-    return int(value)
 
 
 def no_draft_model(ctx, param, value):
@@ -352,8 +345,8 @@ def serve(model, host, port, draft_max, n_parallel, rule, extra):
     """Run llama-server with Orthrus drafting; llama-server flags go after --
     (--spec-draft-n-min and --spec-draft-p-min among them)."""
     from .serve import serve as run_serve
-    sys.exit(run_serve(model, host, port, draft_max_option(draft_max), n_parallel, extra, echo=click.echo,
-                       rule=rule))
+    draft_max = int_or(draft_max, ("auto", "off"), "'--draft-max'")
+    sys.exit(run_serve(model, host, port, draft_max, n_parallel, extra, echo=click.echo, rule=rule))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import OrthrusError
+from .errors import OrthrusError, raise_signal
 from .native import with_cpu_defaults
 
 ORTHRUS_ARCH = "orthrus-qwen3"
@@ -45,7 +45,6 @@ OWN_FLAGS = {
     "-np": "-np", "--parallel": "-np",
     "--spec-type": "--draft-max off|N|auto", "--spec-draft-n-max": "--draft-max", "--draft-max": "--draft-max",
     "--spec-orthrus-auto": "--draft-max auto", "--spec-orthrus-match": "--rule match",
-    "-md": "nothing (no draft model)", "--model-draft": "nothing (no draft model)",
 }
 NO_DRAFT_MODEL = ("Orthrus drafts with the model's own diffusion view: there is no draft model "
                   "(-md/--model-draft); serve the orthrus-qwen3 GGUF alone with -m")
@@ -274,10 +273,8 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
     # Ctrl-C (even where the shell started us with SIGINT ignored), SIGTERM (a service
     # manager), SIGHUP (the terminal closed) and SIGQUIT all stop the server in order;
     # SIGKILL cannot be caught: the server's death signal (Linux) covers it
-    def interrupt(*_):
-        raise KeyboardInterrupt
     sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n)]
-    old = {sig: signal.signal(sig, interrupt) for sig in sigs}
+    old = {sig: signal.signal(sig, raise_signal) for sig in sigs}
     try:
         server.start()
         echo(f"serving {model} at {server.url} (OpenAI API under {server.url}/v1); Ctrl-C stops it")

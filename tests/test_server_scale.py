@@ -7,7 +7,6 @@ probabilities must equal a drafting-off server's.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -36,15 +35,9 @@ def start(tmp_path_factory, model, request, drafting=True, extra=EXACT, **kw) ->
 
 
 def metrics(server) -> dict[str, float]:
-    c = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    try:
-        c.request("GET", "/metrics")
-        r = c.getresponse()
-        assert r.status == 200
-        text = r.read().decode()
-    finally:
-        c.close()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^llamacpp:(\w+) (\S+)$", text, re.M)}
+    """The server's Orthrus counters (its /metrics, as bench-server reads them)."""
+    from orthrus_gguf.serve_bench import draft_counters
+    return draft_counters(server.port)
 
 
 def concurrent(server, prompts, **kw):

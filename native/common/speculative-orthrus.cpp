@@ -201,8 +201,7 @@ struct common_orthrus_drafter {
     int32_t n_min = 0;     // --spec-draft-n-min: drafts shorter than this are dropped
     float   p_min = 0.0f;  // --spec-draft-p-min: drafts end at a row whose top probability is lower
     bool equal_len = false; // the KV cache is not unified: a forward's blocks have one length
-    bool calibrated = false; // auto_len: the costs below are measured
-    std::vector<double> cost_draft, cost_verify; // per warm width (auto_len)
+    std::vector<double> cost_draft, cost_verify; // per warm width (auto_len; empty until measured)
     std::vector<orthrus_seq> seqs;
     std::vector<llama_token> rows;     // argmax per block row
     std::vector<float> scratch;        // dense q of one row (verify); all zero between uses
@@ -285,7 +284,6 @@ static void orthrus_calibrate(common_orthrus_drafter * d, llama_seq_id seq, llam
     }
     d->cost_draft  = td;
     d->cost_verify = tv;
-    d->calibrated  = true;
     std::string s;
     for (size_t i = 0; i < widths.size(); ++i) {
         s += string_format(" %d:%.2f/%.2f", (int) widths[i], td[i] * 1e3, tv[i] * 1e3);
@@ -354,9 +352,9 @@ static int32_t orthrus_block_of(common_orthrus_drafter * d, const common_orthrus
     if (!d->auto_len) {
         return block;
     }
-    if (!d->calibrated) {
+    if (d->cost_draft.empty()) {
         orthrus_calibrate(d, r.seq, r.id_last, r.pos0);
-        if (!d->calibrated) {
+        if (d->cost_draft.empty()) {
             ORT_WRN("%s", "auto: calibration failed, drafting the full length\n");
             d->auto_len = false;
             return block;
