@@ -3,12 +3,16 @@
 llama.cpp counts every forward that reused its previous graph (llama_perf_context().n_reused);
 with a graph kept per (attention view, width), a steady Orthrus loop at a fixed block reuses
 both of its forwards every step, where upstream's single graph reused none.
+
+ORTHRUS_TEST_GPU_LAYERS=-1 (the device check) runs them offloaded: the kept graphs are for
+the GPU, where each kind keeps its own CUDA graph.
 """
 import numpy as np
 import pytest
 
 from orthrus_gguf.api import Orthrus
 from orthrus_gguf.native import NativeModel
+from test_native import GPU_LAYERS
 
 BLOCK = 8
 # a short prompt and 120 tokens stay inside one 256-cell KV view: no step grows it
@@ -27,7 +31,7 @@ def model_path(tiny_gguf):
 
 
 def test_steady_loop_reuses_both_graphs_every_step(model_path):
-    with Orthrus(model_path, n_ctx=512, n_threads=2, block_size=BLOCK) as m:
+    with Orthrus(model_path, n_ctx=512, n_threads=2, block_size=BLOCK, n_gpu_layers=GPU_LAYERS) as m:
         kept = m.generate(PROMPT, max_tokens=120)
         m.native.set_graph_slots(0)  # upstream's single graph: the alternating views rebuild it
         m.reset()
@@ -43,7 +47,7 @@ def test_steady_loop_reuses_both_graphs_every_step(model_path):
 def test_kept_graphs_give_bit_identical_logits(model_path):
     """A reused graph computes what a rebuilt one does: draft and verify rows bit for bit."""
     def rows(slots):
-        with NativeModel(model_path, n_ctx=512, n_batch=64, n_threads=2) as nm:
+        with NativeModel(model_path, n_ctx=512, n_batch=64, n_threads=2, n_gpu_layers=GPU_LAYERS) as nm:
             nm.set_graph_slots(slots)
             nm.prefill(np.arange(20, dtype=np.int32) + 3)
             out = []
@@ -64,7 +68,7 @@ def test_kept_graphs_give_bit_identical_logits(model_path):
 
 
 def test_least_recently_used_kinds_are_dropped(model_path):
-    with NativeModel(model_path, n_ctx=512, n_batch=128, n_threads=2) as nm:
+    with NativeModel(model_path, n_ctx=512, n_batch=128, n_threads=2, n_gpu_layers=GPU_LAYERS) as nm:
         nm.set_graph_slots(3)
         nm.prefill(np.arange(100, dtype=np.int32) % 200 + 3)  # > 64 tokens: the context's own graph
         assert nm.graph_slots()[0] == 0
@@ -84,7 +88,8 @@ def test_exact_mode_prefills_on_the_fast_kernels(model_path, monkeypatch):
     kernels: its prompt logits equal a non-exact context's bit for bit, and differ from a
     context whose every forward runs on the batch-invariant kernels (GGML_CPU_USE_REF=1, what
     exact mode used to do; 100 tokens take the tiled flash attention on the fast path, 3e-4
-    apart here), which shows the comparison can fail."""
+    apart here), which shows the comparison can fail. About the CPU kernels: on the CPU also
+    on a GPU machine."""
     prompt = np.arange(100, dtype=np.int32) * 7 % 250 + 3
 
     def prefill_logits(exact):
@@ -106,7 +111,7 @@ def test_random_speed_model_loads_and_decodes(tmp_path):
     path = write_random_gguf(tmp_path / "r.gguf", "test", block_size=8)
     info = gguf_info(path)
     assert info["n_tokens"] == 151936 and info["diffusion.block_size"] == 8
-    with NativeModel(path, n_ctx=256, n_batch=64, n_threads=2) as nm:
+    with NativeModel(path, n_ctx=256, n_batch=64, n_threads=2, n_gpu_layers=GPU_LAYERS) as nm:
         nm.prefill(np.arange(10, dtype=np.int32) + 3)
         assert np.isfinite(nm.logits(1)).all()
         nm.draft(5, 10, 8)
