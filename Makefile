@@ -28,20 +28,17 @@ demo: build
 	$(VENV)/bin/orthrus-gguf demo
 
 # The device check (orthrus_gguf/gpu_check.py). On a machine with a GPU and no package
-# registry: carry .carry (made here by `make gpu-carry`: the pure-Python dependencies and the
-# llama.cpp source) and run `make gpu-check`; results land in $OUT (default out/gpu-check).
-# Here, with the virtualenv, the same target runs the CPU path.
-CARRY_PKGS := gguf llama_cpp diskcache
+# registry: carry .carry (made here by `make gpu-carry`: the Python packages that machine's
+# python3 lacks, and the llama.cpp source) and run `make gpu-check`, or, without make,
+# `PYTHONPATH=.carry/site:. python3 -m orthrus_gguf.gpu_check`; results land in $OUT
+# (default out/gpu-check). Here, with the virtualenv, the same target runs the CPU path.
+GPU_CHECK_FLAGS ?=
 gpu-carry: build
-	rm -rf .carry && mkdir -p .carry/site
-	for p in $(CARRY_PKGS); do cp -r $$($(PY) -c "import importlib.util as u, os; print(os.path.dirname(u.find_spec('$$p').origin))") .carry/site/; done
-	$(PY) -c "from orthrus_gguf.build import write_source_tarball; write_source_tarball('.carry/llama.cpp-src.tar.gz')"
-	du -sh .carry
+	$(PY) -m orthrus_gguf.gpu_check --make-carry .carry
 
 gpu-check:
-	@if [ -x $(PY) ]; then $(PY) -m orthrus_gguf.gpu_check --out "$${OUT:-out/gpu-check}"; else \
-	  ln -sfn ../convert orthrus_gguf/convert && \
-	  PYTHONPATH=$(CURDIR)/.carry/site:$(CURDIR) python3 -m orthrus_gguf.gpu_check --out "$${OUT:-out/gpu-check}"; fi
+	@if [ -x $(PY) ]; then $(PY) -m orthrus_gguf.gpu_check --out "$${OUT:-out/gpu-check}" $(GPU_CHECK_FLAGS); else \
+	  PYTHONPATH=$(CURDIR)/.carry/site:$(CURDIR) python3 -m orthrus_gguf.gpu_check --out "$${OUT:-out/gpu-check}" $(GPU_CHECK_FLAGS); fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -67,22 +67,6 @@ def test_bench_costs_table_with_and_without_kept_graphs(tiny_gguf, tmp_path):
     assert set(reps[None]["prefill"]) >= {"fast_tokens_per_second", "exact_tokens_per_second", "exact_over_fast"}
 
 
-def test_gpu_check_cpu_path(tmp_path):
-    """The device check's CPU path (what runs before any GPU is lent): JSON, plot and log."""
-    r = subprocess.run([sys.executable, "-m", "orthrus_gguf.gpu_check", "--quick", "--skip-tests",
-                        "--backend", "cpu", "--out", tmp_path], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rep = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert rep["backend"] == "cpu"
-    costs = rep["costs"]["orthrus-tiny f16"]
-    assert [row["width"] for row in costs["kept_graphs"]["rows"]] == [1, 2, 4, 8]
-    assert all(row["reused"] == 1.0 for row in costs["kept_graphs"]["rows"])
-    assert set(rep["demo"]["f16"]["groups"]) == {"code", "math"}
-    assert "tiny_auto_speedup_min" in rep["met"]
-    assert (tmp_path / "gpu_check.png").read_bytes()[:4] == b"\x89PNG"
-    assert "wrote" in (tmp_path / "gpu_check.log").read_text()
-
-
 def test_bench_prefix_cache(tiny_gguf, tmp_path):
     """--prefix-cache compares calls on a reused prefix with fresh calls: with every forward on
     the exact kernels they always agree."""

@@ -1,0 +1,108 @@
+"""`make gpu-check` as the device machine runs it, on this CPU: a copy of the tree (what the
+device tool sends: tracked and untracked-not-ignored files), no editable install, a python3
+that has only what the device's has (our dependencies less the carried ones), and .carry
+made by `--make-carry`. What this cannot check is the GPU itself."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from orthrus_gguf.gpu_check import CARRY_PACKAGES, CARRY_SOURCE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tree_copy(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    return dest
+
+
+def _device_python(dest: Path) -> Path:
+    """A venv whose only packages are this one's less orthrus_gguf and the carried ones."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", dest], check=True)
+    site = Path(sysconfig.get_paths()["purelib"])
+    have = dest / "have"
+    have.mkdir()
+    carried = tuple(CARRY_PACKAGES) + ("orthrus_gguf", "__editable__", "_orthrus")
+    for entry in site.iterdir():
+        base = entry.name.split("-")[0].lower()
+        if entry.suffix == ".pth" or base.startswith(carried) or base in ("llama_cpp_python", "orthrus_gguf"):
+            continue
+        (have / entry.name).symlink_to(entry)
+    vsite = next((dest / "lib").glob("python3*/site-packages"))
+    (vsite / "device.pth").write_text(f"{have}\n")
+    return dest / "bin"
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    if not (ROOT / ".git").exists():
+        pytest.fail("the device rehearsal needs a git checkout (it copies what `git ls-files` lists)")
+    base = tmp_path_factory.mktemp("device")
+    tree = _tree_copy(base / "tree")
+    bindir = _device_python(base / "py")
+    r = subprocess.run([sys.executable, "-m", "orthrus_gguf.gpu_check", "--make-carry", tree / ".carry"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return tree, bindir
+
+
+def _make(tree: Path, bindir: Path, out: Path, flags: str):
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", OUT=str(out))
+    for k in ("PYTHONPATH", "VIRTUAL_ENV", "ORTHRUS_GGUF_LIB_DIR"):
+        env.pop(k, None)
+    return subprocess.run(["make", "--no-print-directory", "-C", tree, "gpu-check", f"GPU_CHECK_FLAGS={flags}"],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_without_the_carry_it_names_what_is_missing(device, tmp_path):
+    """Before building anything: exit 2, and each missing package with where it comes from."""
+    tree, bindir = device
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    r = subprocess.run([bindir / "python3", "-m", "orthrus_gguf.gpu_check", "--backend", "cpu", "--out", tmp_path],
+                       cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    for name in CARRY_PACKAGES:
+        assert f"{name} (carried: make gpu-carry" in rep["error"]
+    assert "numpy" not in rep["error"] and "error: missing Python packages" in r.stdout
+
+
+def test_cpu_path_as_on_the_device(device, tmp_path):
+    """The CPU path, from the copy, with the carry: JSON, plot, log, and the convert link."""
+    tree, bindir = device
+    assert (tree / ".carry" / CARRY_SOURCE).stat().st_size > 1 << 20
+    assert not (tree / ".carry" / "site" / "llama_cpp" / "lib").exists()  # a link would not travel
+    out = tmp_path / "out"
+    r = _make(tree, bindir, out, "--quick --skip-tests --backend cpu")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "gpu_check.json").read_text())
+    assert rep["backend"] == "cpu" and rep["skipped"] == [] and "error" not in rep
+    costs = rep["costs"]["orthrus-tiny f16"]
+    assert [row["width"] for row in costs["kept_graphs"]["rows"]] == [1, 2, 4, 8]
+    assert all(row["reused"] == 1.0 for row in costs["kept_graphs"]["rows"])
+    assert set(rep["demo"]["f16"]["groups"]) == {"code", "math"}
+    assert "tiny_auto_speedup_min" in rep["met"]
+    assert (out / "gpu_check.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in (out / "gpu_check.log").read_text()
+    assert (tree / "orthrus_gguf" / "convert").resolve() == (tree / "convert").resolve()
+
+
+def test_spent_budget_skips_the_rest_and_says_so(device, tmp_path):
+    tree, bindir = device
+    r = _make(tree, bindir, tmp_path, "--quick --backend cpu --budget 0")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["skipped"] == ["tests", "costs orthrus-tiny f16", "demo"]
+    assert "skipped demo: the budget of 0 s is spent" in r.stdout
+    assert "demo" not in rep and not rep["costs"]
