@@ -66,6 +66,8 @@ _SIGNATURES = {
     "llama_orthrus_n_outputs": ([_p], _i32),
     # ctx, n_rows, out
     "llama_orthrus_argmax": ([_p, _i32, ctypes.POINTER(_i32)], _i32),
+    # logits, n_rows, n_vocab, out
+    "llama_orthrus_argmax_rows": ([ctypes.POINTER(ctypes.c_float), _i32, ctypes.c_int64, ctypes.POINTER(_i32)], _i32),
     "llama_orthrus_log_set_min_level": ([_i32], None),
     # ctx, max_slots / ctx, size_t* compute bytes
     "llama_orthrus_set_graph_slots": ([_p, _i32], _i32),

@@ -235,6 +235,63 @@ def test_verify_then_crop_matches_reference_loop(native, gguf_of, reference):
         assert_close(m.logits(B).copy(), want.numpy(), "draft after crop")
 
 
+# ---------------------------------------------------------------- argmax kernel
+
+def _argmax_rows(native, x):
+    import ctypes
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.full(x.shape[0], -7, dtype=np.int32)
+    rc = native.load().orthrus_argmax_rows(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.shape[0],
+                                           x.shape[1], out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)))
+    assert rc == 0
+    return out
+
+
+def _first_max(row):
+    """The rule, written independently: the lowest index of the largest non-NaN value, 0 when
+    there is none above -inf."""
+    finite = np.where(np.isnan(row), -np.inf, row)
+    m = finite.max()
+    return 0 if m == -np.inf else int(np.flatnonzero(finite == m)[0])
+
+
+@pytest.mark.parametrize("n_vocab", [1, 3, 15, 16, 17, 63, 64, 65, 4101, 151936])
+def test_argmax_kernel_lowest_id_on_ties_and_no_nan_wins(native, n_vocab):
+    """The vectorised argmax (16 lanes, then a scalar tail) against the rule on rows made to
+    catch a lane mix-up: random values, many ties (small integers), the maximum only in the
+    tail, at 0, repeated in every lane, NaNs, -inf and +inf."""
+    g = np.random.default_rng(n_vocab)
+    rows = [g.standard_normal(n_vocab), g.integers(0, 3, n_vocab).astype(np.float64),
+            np.full(n_vocab, 2.0), np.full(n_vocab, -np.inf), np.full(n_vocab, np.nan)]
+    tail = g.standard_normal(n_vocab)
+    tail[-1] = 9.0  # in the scalar tail when n_vocab is not a multiple of 16
+    at0 = g.standard_normal(n_vocab)
+    at0[0] = 9.0
+    lanes = g.standard_normal(n_vocab)
+    lanes[n_vocab // 2::7] = 5.0  # the maximum in many lanes, the first one must win
+    nan = g.standard_normal(n_vocab)
+    nan[:: 5] = np.nan
+    inf = g.standard_normal(n_vocab)
+    inf[n_vocab // 3] = np.inf
+    rows += [tail, at0, lanes, nan, inf]
+    x = np.stack(rows).astype(np.float32)
+    want = np.array([_first_max(r) for r in x], dtype=np.int32)
+    assert np.array_equal(_argmax_rows(native, x), want)
+    plain = ~np.isnan(x).any(axis=1)  # where numpy's argmax defines the answer, the same
+    assert np.array_equal(_argmax_rows(native, x)[plain], x[plain].argmax(axis=1))
+
+
+def test_argmax_kernel_refuses_bad_arguments(native):
+    import ctypes
+    f = native.load().orthrus_argmax_rows
+    out = (ctypes.c_int32 * 1)()
+    buf = (ctypes.c_float * 4)()
+    assert f(None, 1, 4, out) == native.ERR_ARG
+    assert f(buf, 1, 0, out) == native.ERR_ARG
+    assert f(buf, -1, 4, out) == native.ERR_ARG
+    assert f(None, 0, 4, None) == 0  # nothing to do
+
+
 # ---------------------------------------------------------------- guards
 
 def test_guards_raise_and_leave_state(native, gguf_of):
