@@ -566,6 +566,13 @@ class NativeModel:
                 self.seq_rm(p)
                 raise OrthrusError(f"llama_decode failed (returned {rc}) in a prefill at {p + start}")
             self.tokens.extend(int(x) for x in chunk)
+        self._finish()
+
+    def _finish(self) -> None:
+        """Wait until the last forward's results are on the host. llama_decode returns while
+        a GPU still computes (reading the logits would wait); every caller here reads them
+        next, so waiting costs nothing and a forward's time is the forward's, not the launch's."""
+        self.n.llama_cpp.llama_synchronize(self.ctx)
 
     @_guarded
     def decode_ar(self, tokens, p: int) -> None:
@@ -575,6 +582,7 @@ class NativeModel:
         status = self.n.orthrus_verify(self.ctx, self.seq, ptr, toks.size, p)
         if status == OK:
             self.tokens[p:] = toks.tolist()
+            self._finish()
         elif status not in _UNCHANGED:  # a failed decode: the C API left the positions < p
             del self.tokens[p:]
         check(status, f"AR decode of {toks.size} tokens at {p}")
@@ -587,6 +595,7 @@ class NativeModel:
         the cache unchanged."""
         check(self.n.orthrus_draft(self.ctx, self.seq, int(t), p, n),
               f"diffusion pass of {n} tokens at {p}")
+        self._finish()
 
     def _check_tokens(self, toks: np.ndarray) -> None:
         if toks.size and (toks.min() < 0 or toks.max() >= self.n_vocab):
