@@ -34,7 +34,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +49,11 @@ CARRY_SOURCE = "llama.cpp-src.tar.gz"
 GPU_TESTS = ("tests/test_native.py", "tests/test_graphs.py", "tests/test_draft_seqs.py")
 # 9 minutes of wall time for the whole check, less room for the transfers and a slow start
 DEFAULT_BUDGET_S = 480
+# On the device, the build and the random GGUFs go under build/ (ignored) in the tree: the
+# device tool keeps ignored paths between calls to a warm machine, so a second run (after
+# one cut short by the budget) builds and writes nothing again.
+DEVICE_CACHE = ROOT / "build" / "cache"
+WORK_DIR = ROOT / "build" / "gpu-check"
 
 
 def make_carry(dest: Path) -> Path:
@@ -255,6 +259,7 @@ def main(argv=None) -> int:
         return 2
     link_convert()
     if backend == "cuda":
+        os.environ.setdefault("ORTHRUS_GGUF_CACHE", str(DEVICE_CACHE))
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True)
         report["gpu"] = smi.stdout.strip()
@@ -270,7 +275,7 @@ def main(argv=None) -> int:
         models = {"orthrus-tiny f16": converted(embedded_model(), "f16")}
         widths = (1, 2, 4, 8) if args.quick else tuple(range(1, 33))
         if not args.quick:
-            work = Path(os.environ.get("ORTHRUS_GPU_CHECK_DIR") or Path(tempfile.gettempdir()) / "orthrus-gpu-check")
+            work = Path(os.environ.get("ORTHRUS_GPU_CHECK_DIR") or WORK_DIR)
             work.mkdir(parents=True, exist_ok=True)
             for shape in ("1.7b", "8b"):
                 t0 = time.monotonic()

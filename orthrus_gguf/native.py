@@ -569,9 +569,10 @@ class NativeModel:
         self._finish()
 
     def _finish(self) -> None:
-        """Wait until the last forward's results are on the host. llama_decode returns while
-        a GPU still computes (reading the logits would wait); every caller here reads them
-        next, so waiting costs nothing and a forward's time is the forward's, not the launch's."""
+        """Wait until the prompt's results are on the host. llama_decode returns while a GPU
+        still computes (reading the logits would wait); every caller reads them next, so
+        waiting costs nothing, and a forward's time is the forward's, not its launch's. The C
+        API's draft and verify wait the same way themselves."""
         self.n.llama_cpp.llama_synchronize(self.ctx)
 
     @_guarded
@@ -582,7 +583,6 @@ class NativeModel:
         status = self.n.orthrus_verify(self.ctx, self.seq, ptr, toks.size, p)
         if status == OK:
             self.tokens[p:] = toks.tolist()
-            self._finish()
         elif status not in _UNCHANGED:  # a failed decode: the C API left the positions < p
             del self.tokens[p:]
         check(status, f"AR decode of {toks.size} tokens at {p}")
@@ -595,7 +595,6 @@ class NativeModel:
         the cache unchanged."""
         check(self.n.orthrus_draft(self.ctx, self.seq, int(t), p, n),
               f"diffusion pass of {n} tokens at {p}")
-        self._finish()
 
     def _check_tokens(self, toks: np.ndarray) -> None:
         if toks.size and (toks.min() < 0 or toks.max() >= self.n_vocab):

@@ -119,6 +119,9 @@ static int32_t orthrus_decode_all(llama_context * ctx, llama_seq_id seq, const l
     batch.n_tokens = n;
     const int32_t ret = llama_decode(ctx, batch);
     llama_batch_free(batch);
+    if (ret == 0) {
+        llama_synchronize(ctx); // like llama_orthrus_draft_seqs: the forward, not its launch
+    }
     return orthrus_status_of_decode(ret);
 }
 
@@ -248,6 +251,13 @@ int32_t llama_orthrus_draft_seqs(llama_context * ctx, int32_t n_seqs, const llam
 
     int32_t status = orthrus_status_of_decode(llama_decode(ctx, batch));
     llama_batch_free(batch);
+    if (status == LLAMA_ORTHRUS_OK) {
+        // llama_decode returns while a GPU still computes (the wait comes with the next read
+        // of the logits). Every caller reads them next, so waiting here costs nothing, and a
+        // timer around a draft or verify (the auto length's calibration) times the forward,
+        // not its launch.
+        llama_synchronize(ctx);
+    }
 
     // the blocks' diffusion K/V must never outlive the pass, whatever happened
     for (int32_t j = 0; j < n_seqs; ++j) {
