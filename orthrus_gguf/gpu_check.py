@@ -107,8 +107,26 @@ class Log:
         self.f.flush()
 
 
+def _find(tool: str, *dirs: str) -> str | None:
+    """tool on PATH, else in one of dirs (whose folder then joins PATH, for CMake too)."""
+    found = shutil.which(tool)
+    for d in dirs:
+        if found is None and d and os.access(Path(d) / tool, os.X_OK):
+            os.environ["PATH"] = f"{d}{os.pathsep}{os.environ.get('PATH', '')}"
+            found = shutil.which(tool)
+    return found
+
+
 def detect_backend() -> str:
-    return "cuda" if shutil.which("nvcc") and shutil.which("nvidia-smi") else "cpu"
+    """cuda where there is an NVIDIA GPU and nvcc (looked for off PATH too: a CPU run on a GPU
+    machine would spend its lease for nothing), else cpu."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if _find("nvidia-smi", "/usr/local/nvidia/bin", "/usr/bin") is None:
+        return "cpu"
+    if _find("nvcc", str(Path(cuda_home) / "bin")) is None:
+        raise SystemExit("error: an NVIDIA GPU is here (nvidia-smi) but no nvcc: set CUDA_HOME to the "
+                         "CUDA toolkit, or pass --backend cpu to measure the CPU")
+    return "cuda"
 
 
 def cuda_arch() -> str:

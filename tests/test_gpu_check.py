@@ -106,3 +106,22 @@ def test_spent_budget_skips_the_rest_and_says_so(device, tmp_path):
     assert rep["skipped"] == ["tests", "costs orthrus-tiny f16", "demo"]
     assert "skipped demo: the budget of 0 s is spent" in r.stdout
     assert "demo" not in rep and not rep["costs"]
+
+
+def test_backend_is_found_off_path_and_a_gpu_without_nvcc_is_an_error(tmp_path, monkeypatch):
+    """An NVIDIA machine whose nvcc is not on PATH must not quietly measure its CPU."""
+    from orthrus_gguf.gpu_check import detect_backend
+    bin_, cuda = tmp_path / "bin", tmp_path / "cuda"
+    for d, tool in ((bin_, "nvidia-smi"), (cuda / "bin", "nvcc")):
+        d.mkdir(parents=True)
+        (d / tool).write_text("#!/bin/sh\n")
+        (d / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert detect_backend() == "cpu"  # no nvidia-smi anywhere
+    monkeypatch.setenv("PATH", str(bin_))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "none"))
+    with pytest.raises(SystemExit, match="NVIDIA GPU is here .* but no nvcc: set CUDA_HOME"):
+        detect_backend()
+    monkeypatch.setenv("CUDA_HOME", str(cuda))
+    assert detect_backend() == "cuda"
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(cuda / "bin")  # CMake finds it too
