@@ -55,12 +55,14 @@ def test_bench_costs_table_with_and_without_kept_graphs(tiny_gguf, tmp_path):
                 "--block-size", 8, "--costs", "--json", out, "--plot", png]
         r = cli(*args, *([] if slots is None else ["--graph-slots", slots]))
         assert r.returncode == 0, r.stderr
-        assert "alt/b2b" in r.stdout and "prefill of" in r.stdout and "reused/step" in r.stdout
+        assert "alt/b2b" in r.stdout and "argmax" in r.stdout and "prefill of" in r.stdout and "reused/step" in r.stdout
         assert (tmp_path / f"r{slots}-costs.png").read_bytes()[:4] == b"\x89PNG"
         reps[slots] = json.loads(out.read_text())
     kept, single = reps[None]["costs"], reps[0]["costs"]
     assert [r["width"] for r in kept["rows"]] == list(range(1, 9))
     assert kept["rows"][0]["verify"] == 1.0  # the unit
+    # the host's argmax of the verify rows, timed apart from the forwards
+    assert all(r["argmax"] > 0 and r["argmax_s"] > 0 for r in kept["rows"])
     assert all(r["reused"] == 1.0 for r in kept["rows"])
     assert all(r["reused"] == 0.0 for r in single["rows"] if r["width"] >= 2)
     assert kept["graph_slots"] > 0 and kept["graph_compute_bytes"] > 0 and single["graph_slots"] == 0
