@@ -205,6 +205,8 @@ def plot(report: dict, path: Path) -> None:
             w = [r["width"] for r in rows]
             ax.plot(w, [r["pair_alternating"] for r in rows], style, marker=".", label=f"draft+verify, {key}")
             ax.plot(w, [r["verify"] for r in rows], style, alpha=0.5, label=f"verify, {key}")
+            if key == "kept_graphs" and all("argmax" in r for r in rows):
+                ax.plot(w, [r["argmax"] for r in rows], ":", label="host argmax of w rows")
         ax.set(title=name, xlabel="width w", ylabel="one-token forwards", ylim=(0, None))
         ax.legend(fontsize=7)
     ax = axes[-1]
