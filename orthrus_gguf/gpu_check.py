@@ -188,6 +188,20 @@ def cost_step(models: dict[str, Path], ngl: int, widths, rounds: int, log: Log) 
     return out
 
 
+def random_model(shape: str, log: Log) -> Path:
+    """The random q4_k_m GGUF of a published shape (testing.write_random_gguf), kept in
+    ORTHRUS_GPU_CHECK_DIR (default build/gpu-check) for a second run."""
+    from .testing import write_random_gguf
+    work = Path(os.environ.get("ORTHRUS_GPU_CHECK_DIR") or WORK_DIR)
+    work.mkdir(parents=True, exist_ok=True)
+    p = work / f"random-{shape}-q4_k_m.gguf"
+    if not p.is_file():
+        t0 = time.monotonic()
+        write_random_gguf(p, shape)
+        log(f"wrote {p.name} in {time.monotonic() - t0:.0f} s")
+    return p
+
+
 def pair(tab: dict, w: int) -> float | None:
     row = next((r for r in tab["rows"] if r["width"] == w), None)
     return row["pair_alternating"] if row else None
@@ -291,23 +305,17 @@ def main(argv=None) -> int:
             report["tests"] = test_step(ngl, log, timeout_s=left())
             save()
         from .demo import converted, embedded_model, run_demo
-        from .testing import write_random_gguf
-        models = {"orthrus-tiny f16": converted(embedded_model(), "f16")}
         widths = (1, 2, 4, 8) if args.quick else tuple(range(1, 33))
+        # the tiny model first: cheap, and it anchors the rest; each model is made (the 8B
+        # shape is 4.7 GB) only when its step starts
+        models = [("orthrus-tiny f16", lambda: converted(embedded_model(), "f16"))]
         if not args.quick:
-            work = Path(os.environ.get("ORTHRUS_GPU_CHECK_DIR") or WORK_DIR)
-            work.mkdir(parents=True, exist_ok=True)
-            for shape in ("1.7b", "8b"):
-                t0 = time.monotonic()
-                p = work / f"random-{shape}-q4_k_m.gguf"
-                if not p.is_file():
-                    write_random_gguf(p, shape)
-                models[f"random {shape} q4_k_m"] = p
-                log(f"wrote {p.name} in {time.monotonic() - t0:.0f} s")
+            models += [(f"random {shape} q4_k_m", lambda shape=shape: random_model(shape, log))
+                       for shape in ("1.7b", "8b")]
         report["costs"] = {}
-        for name, path in models.items():  # the tiny model first: cheap, and it anchors the rest
+        for name, make in models:
             if may_start(f"costs {name}"):
-                report["costs"].update(cost_step({name: path}, ngl, widths, rounds=2 if args.quick else 3, log=log))
+                report["costs"].update(cost_step({name: make()}, ngl, widths, rounds=2 if args.quick else 3, log=log))
                 save()
         for name, key in (("random 1.7b q4_k_m", "1.7b_pair16_max"), ("random 8b q4_k_m", "8b_pair16_max")):
             if name in report["costs"]:
