@@ -58,23 +58,34 @@ WORK_DIR = ROOT / "build" / "gpu-check"
 
 def make_carry(dest: Path) -> Path:
     """DIR/site (the packages the device lacks, imported from there through PYTHONPATH) and
-    DIR/llama.cpp-src.tar.gz (the pristine llama.cpp tree: the device cannot download it)."""
+    DIR/llama.cpp-src.tar.gz (the pristine llama.cpp tree: the device cannot download it).
+    Made beside DIR and moved into place whole; an existing DIR is replaced only if it is a
+    carry (or empty), never any other folder."""
     from .build import write_source_tarball
     dest = Path(dest)
-    shutil.rmtree(dest, ignore_errors=True)
-    site = dest / "site"
-    site.mkdir(parents=True)
-    for name in CARRY_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"error: package {name} is not installed here: run `make venv` first")
-        pkg = Path(list(spec.submodule_search_locations)[0])
-        # llama_cpp/lib is the library it was installed with (or a link to our build): the
-        # check loads the one it builds (LLAMA_CPP_LIB_PATH), and a link would not travel
-        shutil.copytree(pkg, site / name, symlinks=False,
-                        ignore=shutil.ignore_patterns("__pycache__", "lib") if name == "llama_cpp"
-                        else shutil.ignore_patterns("__pycache__"))
-    write_source_tarball(dest / CARRY_SOURCE)
+    if dest.exists() and not (dest.is_dir() and (not any(dest.iterdir()) or (dest / CARRY_SOURCE).exists())):
+        raise SystemExit(f"error: {dest} exists and is not a carry (no {CARRY_SOURCE} in it): "
+                         "name a new or empty folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        site = tmp / "site"
+        site.mkdir(parents=True)
+        for name in CARRY_PACKAGES:
+            spec = importlib.util.find_spec(name)
+            if spec is None or not spec.submodule_search_locations:
+                raise SystemExit(f"error: package {name} is not installed here: run `make venv` first")
+            pkg = Path(list(spec.submodule_search_locations)[0])
+            # llama_cpp/lib is the library it was installed with (or a link to our build): the
+            # check loads the one it builds (LLAMA_CPP_LIB_PATH), and a link would not travel
+            skip = ("__pycache__", "lib") if name == "llama_cpp" else ("__pycache__",)
+            shutil.copytree(pkg, site / name, symlinks=False, ignore=shutil.ignore_patterns(*skip))
+        write_source_tarball(tmp / CARRY_SOURCE)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -255,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--make-carry", type=Path, metavar="DIR",
                     help="write what the device lacks into DIR (packages, llama.cpp source) and stop")
     args = ap.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     if args.make_carry:
         d = make_carry(args.make_carry)
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
@@ -283,8 +296,6 @@ def main(argv=None) -> int:
         log(f"skipped {step}: the budget of {args.budget:.0f} s is spent")
         return False
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
     missing = preflight()
     if missing:
         report["error"] = "missing Python packages: " + "; ".join(missing)

@@ -125,3 +125,16 @@ def test_backend_is_found_off_path_and_a_gpu_without_nvcc_is_an_error(tmp_path, 
     monkeypatch.setenv("CUDA_HOME", str(cuda))
     assert detect_backend() == "cuda"
     assert os.environ["PATH"].split(os.pathsep)[0] == str(cuda / "bin")  # CMake finds it too
+
+
+def test_make_carry_never_replaces_another_folder(tmp_path):
+    """--make-carry replaces only a carry: pointed at a folder with other files it refuses
+    (exit 1, the files untouched) and leaves no half-made carry beside it."""
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    r = subprocess.run([sys.executable, "-m", "orthrus_gguf.gpu_check", "--make-carry", other],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "exists and is not a carry" in r.stderr
+    assert (other / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
