@@ -20,8 +20,8 @@ the rest into DIR: the packages below on PYTHONPATH, and the llama.cpp source. A
 would run past --budget seconds skips its remaining steps (and says so) rather than be killed.
 
 The same script runs on a CPU (no nvcc): then it is the CPU path, tested in CI with --quick,
-also as the device runs it (tests/test_cli.py: a copy of the tree, no editable install, only
-the packages the device has plus the carried ones).
+also as the device runs it (tests/test_gpu_check.py: a copy of the tree, no editable install,
+only the packages the device has plus the carried ones).
 """
 from __future__ import annotations
 
@@ -182,20 +182,19 @@ def test_step(ngl: int, log: Log, timeout_s: float) -> dict:
     return {"returncode": rc, "tail": tail}
 
 
-def cost_step(models: dict[str, Path], ngl: int, widths, rounds: int, log: Log) -> dict:
+def cost_step(name: str, path: Path, ngl: int, widths, rounds: int, log: Log) -> dict:
+    """One model's cost table with kept graphs and with upstream's single graph."""
     from .bench import cost_table, format_costs
     from .native import NativeModel
     out = {}
-    for name, path in models.items():
-        out[name] = {}
-        for slots in (16, 0):
-            with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=ngl) as nm:
-                nm.set_graph_slots(slots)
-                t0 = time.monotonic()
-                tab = cost_table(nm, [w for w in widths if w <= nm.block_size], rounds=rounds)
-            key = "kept_graphs" if slots else "single_graph"
-            out[name][key] = tab
-            log(f"costs {name}, {key} ({time.monotonic() - t0:.0f} s):\n{format_costs(tab)}")
+    for slots in (16, 0):
+        with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=ngl) as nm:
+            nm.set_graph_slots(slots)
+            t0 = time.monotonic()
+            tab = cost_table(nm, [w for w in widths if w <= nm.block_size], rounds=rounds)
+        key = "kept_graphs" if slots else "single_graph"
+        out[key] = tab
+        log(f"costs {name}, {key} ({time.monotonic() - t0:.0f} s):\n{format_costs(tab)}")
     return out
 
 
@@ -326,7 +325,7 @@ def main(argv=None) -> int:
         report["costs"] = {}
         for name, make in models:
             if may_start(f"costs {name}"):
-                report["costs"].update(cost_step({name: make()}, ngl, widths, rounds=2 if args.quick else 3, log=log))
+                report["costs"][name] = cost_step(name, make(), ngl, widths, rounds=2 if args.quick else 3, log=log)
                 save()
         for name, key in (("random 1.7b q4_k_m", "1.7b_pair16_max"), ("random 8b q4_k_m", "8b_pair16_max")):
             if name in report["costs"]:

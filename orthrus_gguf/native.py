@@ -566,14 +566,10 @@ class NativeModel:
                 self.seq_rm(p)
                 raise OrthrusError(f"llama_decode failed (returned {rc}) in a prefill at {p + start}")
             self.tokens.extend(int(x) for x in chunk)
-        self._finish()
-
-    def _finish(self) -> None:
-        """Wait until the prompt's results are on the host. llama_decode returns while a GPU
-        still computes (reading the logits would wait); every caller reads them next, so
-        waiting costs nothing, and a forward's time is the forward's, not its launch's. The C
-        API's draft and verify wait the same way themselves."""
-        self.n.llama_cpp.llama_synchronize(self.ctx)
+        # llama_decode returns while a GPU still computes: wait here, as the C API's draft and
+        # verify do, so that a forward's time is the forward's, not its launch's (the caller
+        # reads the logits next, which would wait anyway)
+        lc.llama_synchronize(self.ctx)
 
     @_guarded
     def decode_ar(self, tokens, p: int) -> None:

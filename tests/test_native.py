@@ -16,6 +16,7 @@ logits by O(1) relative).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 from pathlib import Path
@@ -238,7 +239,6 @@ def test_verify_then_crop_matches_reference_loop(native, gguf_of, reference):
 # ---------------------------------------------------------------- argmax kernel
 
 def _argmax_rows(native, x):
-    import ctypes
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.full(x.shape[0], -7, dtype=np.int32)
     rc = native.load().orthrus_argmax_rows(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.shape[0],
@@ -282,7 +282,6 @@ def test_argmax_kernel_lowest_id_on_ties_and_no_nan_wins(native, n_vocab):
 
 
 def test_argmax_kernel_refuses_bad_arguments(native):
-    import ctypes
     f = native.load().orthrus_argmax_rows
     out = (ctypes.c_int32 * 1)()
     buf = (ctypes.c_float * 4)()
