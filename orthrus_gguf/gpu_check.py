@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import Signalled, raise_signal
+
 ROOT = Path(__file__).resolve().parent.parent
 # the targets (GPU only): what a step must cost for Orthrus to pay
 TARGETS = {"tiny_auto_speedup_min": 1.3, "1.7b_pair16_max": 2.5, "8b_pair16_max": 2.3}
@@ -249,10 +251,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _stop(signum, frame):  # SIGTERM/SIGHUP (a timeout): unwind, so the report is written
-    raise SystemExit(128 + signum)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "out/gpu-check")
@@ -265,8 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--make-carry", type=Path, metavar="DIR",
                     help="write what the device lacks into DIR (packages, llama.cpp source) and stop")
     args = ap.parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a timeout: unwind, so the report is written
+        signal.signal(sig, raise_signal)
     if args.make_carry:
         d = make_carry(args.make_carry)
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
@@ -357,4 +355,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Signalled as e:
+        sys.exit(128 + e.signum)

@@ -267,7 +267,6 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
         raise OrthrusError(f"{model}: no such file")
     check_extra(extra)
     cmd, note = server_command(model, host, port, draft_max, n_parallel, extra, rule=rule)
-    check_port(port, host)
     echo(note)
     server = Server(cmd, host, port, timeout=600.0, env=server_env())
     # Ctrl-C (even where the shell started us with SIGINT ignored), SIGTERM (a service
