@@ -144,6 +144,7 @@ const char * llama_orthrus_strerror(int32_t status) {
         case LLAMA_ORTHRUS_ERR_ROWS:        return "the last decode produced fewer rows of logits than asked for";
         case LLAMA_ORTHRUS_ERR_SEQ_RM:      return "could not remove the diffusion block from the KV cache";
         case LLAMA_ORTHRUS_ERR_SPLIT:       return "the blocks of a multi-sequence draft would be split across ubatches (more than n_ubatch tokens, or lengths differ in a non-unified KV cache)";
+        case LLAMA_ORTHRUS_ERR_NOT_SAMPLED: return "a row of the last decode has no backend-sampled token (no backend sampler on its sequence)";
         default:                            return "unknown orthrus status";
     }
 }
@@ -402,6 +403,26 @@ int32_t llama_orthrus_argmax(llama_context * ctx, int32_t n_rows, llama_token * 
         return LLAMA_ORTHRUS_ERR_ROWS;
     }
     return llama_orthrus_argmax_rows(logits, n_rows, orthrus_n_vocab(ctx), out);
+}
+
+int32_t llama_orthrus_sampled(llama_context * ctx, int32_t n_rows, llama_token * out) {
+    if (ctx == nullptr || out == nullptr || n_rows < 0) {
+        return LLAMA_ORTHRUS_ERR_ARG;
+    }
+    const int32_t n_out = ctx->get_orthrus_n_outputs();
+    if (n_rows > n_out) {
+        return LLAMA_ORTHRUS_ERR_ROWS;
+    }
+    ctx->synchronize(); // once: llama_get_sampled_token_ith would wait for every row
+    for (int32_t r = 0; r < n_rows; ++r) {
+        // a negative index counts output rows from the end, whatever batch index holds them
+        const llama_token t = ctx->get_sampled_token_ith(r - n_out);
+        if (t == LLAMA_TOKEN_NULL) {
+            return LLAMA_ORTHRUS_ERR_NOT_SAMPLED;
+        }
+        out[r] = t;
+    }
+    return LLAMA_ORTHRUS_OK;
 }
 
 } // extern "C"
