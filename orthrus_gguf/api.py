@@ -89,7 +89,7 @@ class Orthrus:
                  flash_attn: bool | None = None, type_k: str | int = "f16", type_v: str | int | None = None,
                  seed: int = LLAMA_DEFAULT_SEED, verbose: bool = False,
                  block_size: int | str | None = None, exact: bool | str | None = None,
-                 rpc_servers: str | list[str] | None = None):
+                 rpc_servers: str | list[str] | None = None, backend_sampling: bool | None = None):
         path = check_gguf_file(model_path)
         n_ctx = check_int("n_ctx", n_ctx, 0, INT32_MAX)  # 0: the model's training context
         n_batch = check_int("n_batch", n_batch, 1, INT32_MAX)
@@ -108,7 +108,8 @@ class Orthrus:
         n_ctx = n_ctx if n_ctx == 0 else max(n_ctx, MIN_CTX)
         self._nm = NativeModel(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch,
                                n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_type=type_k,
-                               type_v=type_v, flash_attn=flash_attn, exact=mode, rpc_servers=rpc_servers)
+                               type_v=type_v, flash_attn=flash_attn, exact=mode, rpc_servers=rpc_servers,
+                               backend_sampling=backend_sampling)
         nm = self._nm
         if nm.is_orthrus and nm.n_ubatch < nm.block_size:
             nm.close()
@@ -198,6 +199,7 @@ class Orthrus:
         if self._costs is None:
             nm = self._nm
             ctx_tokens = np.arange(64, dtype=np.int32) % max(2, nm.mask_token)
+            nm.set_backend_sampling(True)  # the forwards as greedy decoding runs them
             nm.clear()
             nm.prefill(ctx_tokens)
             p = len(ctx_tokens)

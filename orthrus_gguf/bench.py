@@ -37,6 +37,7 @@ def load_prompts(path: str | Path | None) -> dict[str, list[str]]:
 def first_difference_margin(m: Orthrus, prompt: str, common: list[int]) -> float:
     """AR top-1 minus top-2 logit, relative to |top-1|, at the first position where outputs differ."""
     nm = m.native
+    nm.set_backend_sampling(False)  # the margin needs the logits
     nm.clear()
     nm.prefill(m.tokenize(prompt, special=True) + common)
     return nm.margin() / max(1e-9, abs(float(nm.logits(1)[0].max())))
@@ -213,11 +214,15 @@ def cost_table(nm, widths=None, rounds: int = 5, n: int = 4, context: int = 64) 
     in units of one one-token forward (verify(1)); `reused` is the share of the alternating
     forwards that reused a kept graph; `argmax` is the host's argmax of a verify's w rows,
     which a greedy step adds to its forwards (timed apart from them: on a GPU, with a large
-    vocabulary, the rows' copy and this pass are what a wide forward adds on the host)."""
+    vocabulary, the rows' copy and this pass are what a wide forward adds on the host).
+    The forwards run as greedy decoding runs them: with backend sampling where the model has
+    it (`backend_sampling`: the argmax is then part of the forward, and `argmax` only reads
+    the w token ids)."""
     widths = list(widths or range(1, nm.block_size + 1))
     if 1 not in widths:
         raise OrthrusError("the cost table needs width 1 (the unit)")
     clock = time.perf_counter
+    sampling = nm.set_backend_sampling(True)
     nm.clear()
     nm.prefill(np.arange(context, dtype=np.int32) % max(2, nm.mask_token))
     p = context
@@ -272,7 +277,7 @@ def cost_table(nm, widths=None, rounds: int = 5, n: int = 4, context: int = 64) 
             r[k] = r[k + "_s"] / unit
     slots, nbytes = nm.graph_slots()
     return {"unit_s": unit, "context": context, "rounds": rounds, "n": n, "rows": rows,
-            "graph_slots": slots, "graph_compute_bytes": nbytes}
+            "graph_slots": slots, "graph_compute_bytes": nbytes, "backend_sampling": sampling}
 
 
 def format_costs(tab: dict) -> str:
@@ -280,7 +285,8 @@ def format_costs(tab: dict) -> str:
             f"{'reused':>8}{'argmax':>8}")
     lines = [f"forward costs after {tab['context']} cached tokens, unit = one one-token forward "
              f"({tab['unit_s'] * 1e3:.3f} ms); {tab['graph_slots']} kept graphs, "
-             f"{tab['graph_compute_bytes'] / 2**20:.1f} MiB of compute buffers", head, "-" * len(head)]
+             f"{tab['graph_compute_bytes'] / 2**20:.1f} MiB of compute buffers; argmax on the "
+             f"{'device (backend sampling)' if tab.get('backend_sampling') else 'host'}", head, "-" * len(head)]
     for r in tab["rows"]:
         lines.append(f"{r['width']:>5}{r['draft']:>8.2f}{r['verify']:>8.2f}{r['pair_alternating']:>10.2f}"
                      f"{r['pair_back_to_back']:>10.2f}{r['alternating_over_back_to_back']:>9.3f}{r['reused']:>8.2f}"

@@ -124,6 +124,9 @@ MODEL_OPTIONS = [
     click.option("-b", "--batch-size", type=click.IntRange(1), default=512, show_default=True, help="logical batch"),
     click.option("-ub", "--ubatch-size", type=click.IntRange(1), default=512, show_default=True,
                  help="physical batch (at least the GGUF's block size)"),
+    click.option("-bs", "--backend-sampling/--no-backend-sampling", "backend_sampling", default=None,
+                 help="greedy picks on the device of the output layer, so that no logits come back "
+                      "(default: on when layers are offloaded)"),
 ]
 
 
@@ -137,7 +140,8 @@ def model_kwargs(kw: dict) -> dict:
     """Orthrus(...) arguments from MODEL_OPTIONS (popped from a command's keywords)."""
     return dict(n_ctx=kw.pop("n_ctx"), n_threads=kw.pop("threads"), n_gpu_layers=kw.pop("n_gpu_layers"),
                 flash_attn=FLASH[kw.pop("flash_attn")], type_k=kw.pop("cache_type_k"),
-                type_v=kw.pop("cache_type_v"), n_batch=kw.pop("batch_size"), n_ubatch=kw.pop("ubatch_size"))
+                type_v=kw.pop("cache_type_v"), n_batch=kw.pop("batch_size"), n_ubatch=kw.pop("ubatch_size"),
+                backend_sampling=kw.pop("backend_sampling"))
 
 
 def _check_writable(path) -> None:
@@ -199,8 +203,9 @@ def generate(model, prompt, prompt_file, chat, system_prompt, max_tokens, temp, 
             click.echo(piece.text, nl=False)
             stats.add(piece.step)
         click.echo()
-        if show_stats:
-            click.echo(json.dumps(stats.summary(), indent=2), err=True)
+        if show_stats:  # and where the greedy picks ran
+            click.echo(json.dumps(stats.summary() | {"backend_sampling": m.native.backend_sampling}, indent=2),
+                       err=True)
 
 
 @main.command()

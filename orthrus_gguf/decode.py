@@ -9,9 +9,9 @@
           crop the cache to < p+n+1; emit d[:n] + [next]; policy.update(drafted, n)
 
 Each iteration yields a Step record; callers fold them (Stats, the API's text). Plain greedy
-picks are argmaxes in C; anything else runs llama.cpp's sampler chain in numpy
-(sampling.py) and accepts with speculative sampling. Nothing here loops over the vocabulary
-in Python.
+picks are argmaxes, in C or, with backend sampling, on the GPU (then no logits come back);
+anything else runs llama.cpp's sampler chain in numpy (sampling.py) and accepts with
+speculative sampling. Nothing here loops over the vocabulary in Python.
 """
 from __future__ import annotations
 
@@ -152,6 +152,9 @@ def decode(nm: NativeModel, prompt: list[int], max_tokens: int, sampler: Sampler
     t0 = clock()
     with nm.exclusive():  # each step holds the model: another thread's call is refused
         lease = nm.lease()
+        # plain greedy needs only each row's argmax: on the device where the model can (no
+        # logits come back); logprobs, grammars and samplers read the logits
+        nm.set_backend_sampling(sampler.plain and grammar is None and logprobs is None)
         cached = nm.reuse_prefix(prompt)
         nm.prefill(prompt[cached:], cached)
         t1 = clock()

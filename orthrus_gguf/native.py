@@ -36,6 +36,7 @@ ERR_DECODE = -11
 ERR_ROWS = -12
 ERR_SEQ_RM = -13
 ERR_SPLIT = -14
+ERR_NOT_SAMPLED = -15
 
 # statuses returned before anything was decoded: the cache is as it was
 _UNCHANGED = (ERR_ARG, ERR_SEQ, ERR_BATCH, ERR_MEMORY, ERR_POS, ERR_CTX, ERR_UBATCH, ERR_NOT_ORTHRUS, ERR_SPLIT)
@@ -61,13 +62,16 @@ _SIGNATURES = {
     "llama_orthrus_draft": ([_p, _i32, _i32, _i32, _i32], _i32),
     # ctx, n_seqs, seqs, ts, ps, n_blocks
     "llama_orthrus_draft_seqs": ([_p, _i32] + [ctypes.POINTER(_i32)] * 4, _i32),
-    # ctx, seq, tokens, n, p
-    "llama_orthrus_verify": ([_p, _i32, ctypes.POINTER(_i32), _i32, _i32], _i32),
+    # ctx, seq, tokens, n, p (arrays of the hot path as void *: numpy's .ctypes.data, an int,
+    # costs far less than .ctypes.data_as)
+    "llama_orthrus_verify": ([_p, _i32, _p, _i32, _i32], _i32),
     "llama_orthrus_n_outputs": ([_p], _i32),
     # ctx, n_rows, out
-    "llama_orthrus_argmax": ([_p, _i32, ctypes.POINTER(_i32)], _i32),
+    "llama_orthrus_argmax": ([_p, _i32, _p], _i32),
     # logits, n_rows, n_vocab, out
     "llama_orthrus_argmax_rows": ([ctypes.POINTER(ctypes.c_float), _i32, ctypes.c_int64, ctypes.POINTER(_i32)], _i32),
+    # ctx, n_rows, out: the backend sampler's tokens
+    "llama_orthrus_sampled": ([_p, _i32, _p], _i32),
     "llama_orthrus_log_set_min_level": ([_i32], None),
     # ctx, max_slots / ctx, size_t* compute bytes
     "llama_orthrus_set_graph_slots": ([_p, _i32], _i32),
@@ -353,9 +357,11 @@ class NativeModel:
                  n_gpu_layers: int | str = 0, kv_type: str | int = "f16", type_v: str | int | None = None,
                  flash_attn: bool | None = None, seq: int = 0, repack: bool = True,
                  exact: bool | str = False, rpc_servers: str | list[str] | None = None,
-                 n_seq_max: int = 1, kv_unified: bool = False):
+                 n_seq_max: int = 1, kv_unified: bool = False, backend_sampling: bool | None = None):
         self._ctx = self._model = None
         self._batch = None
+        self._chain = None  # the greedy sampler chain attached for backend sampling, if any
+        self._can_sample = self._ids_only = False
         self._lock = threading.RLock()
         self.n = load()
         lc = self.n.llama_cpp
@@ -373,6 +379,13 @@ class NativeModel:
             if n_gpu_layers == "auto":
                 mp.n_gpu_layers = -1
         mp.use_extra_bufts = repack  # CPU weight repacking (faster gemm kernels)
+        # backend sampling (llama.cpp's, with a greedy chain): greedy picks are argmaxes on the
+        # device of the output layer, and a forward sends back w token ids, not w x n_vocab
+        # floats (19 MB for 32 rows of a 152k vocabulary) to be argmaxed by the host. Worth it
+        # where the output layer is not on this CPU: by default, wherever any layer is offloaded
+        # (llama.cpp puts the output layer on the GPU from n_gpu_layers >= 1), locally or by RPC.
+        if backend_sampling is None:
+            backend_sampling = mp.n_gpu_layers != 0 and (self._devices is not None or bool(_local_gpus()))
         self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
             raise OrthrusError(f"llama.cpp could not load {path} (set ORTHRUS_GGUF_VERBOSE=1 for its log)")
@@ -392,6 +405,8 @@ class NativeModel:
             raise
         # None: llama.cpp decides (enabled where the backend supports it)
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
+        if backend_sampling:
+            cp.n_outputs_max_per_seq = 0  # a verify samples every row of one sequence (default 1)
         self._ctx = lc.llama_init_from_model(self._model, cp)
         if not self._ctx:
             self.close()
@@ -416,6 +431,7 @@ class NativeModel:
         # docs/NUMERICS.md): "verify" for verify forwards only (prompts and drafts keep the fast
         # kernels), "all" for every forward, "off" (False) for none; True means "verify".
         self.exact = exact
+        self._can_sample = bool(backend_sampling)
 
     # -------------------------------------------------------------- lifetime
 
@@ -455,6 +471,9 @@ class NativeModel:
         if self._ctx:
             lc.llama_free(self._ctx)
             self._ctx = None
+        if self._chain:  # after the context that refers to it
+            lc.llama_sampler_free(self._chain)
+            self._chain = None
         if self._model:
             lc.llama_model_free(self._model)
             self._model = None
@@ -570,15 +589,16 @@ class NativeModel:
         # verify do, so that a forward's time is the forward's, not its launch's (the caller
         # reads the logits next, which would wait anyway)
         lc.llama_synchronize(self.ctx)
+        self._ids_only = self._chain is not None
 
     @_guarded
     def decode_ar(self, tokens, p: int) -> None:
         """AR decode of tokens at p.. with logits for every row; the tokens stay cached."""
         toks = np.ascontiguousarray(tokens, dtype=np.int32).ravel()
-        ptr = toks.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        status = self.n.orthrus_verify(self.ctx, self.seq, ptr, toks.size, p)
+        status = self.n.orthrus_verify(self.ctx, self.seq, toks.ctypes.data, toks.size, p)
         if status == OK:
             self.tokens[p:] = toks.tolist()
+            self._ids_only = self._chain is not None
         elif status not in _UNCHANGED:  # a failed decode: the C API left the positions < p
             del self.tokens[p:]
         check(status, f"AR decode of {toks.size} tokens at {p}")
@@ -591,6 +611,7 @@ class NativeModel:
         the cache unchanged."""
         check(self.n.orthrus_draft(self.ctx, self.seq, int(t), p, n),
               f"diffusion pass of {n} tokens at {p}")
+        self._ids_only = self._chain is not None
 
     def _check_tokens(self, toks: np.ndarray) -> None:
         if toks.size and (toks.min() < 0 or toks.max() >= self.n_vocab):
@@ -608,6 +629,9 @@ class NativeModel:
     def logits(self, n_rows: int | None = None) -> np.ndarray:
         """The first n_rows (default all) rows of logits of the last decode, [n_rows, n_vocab]
         float32: a view into llama.cpp's buffer, valid until the next decode (copy to keep)."""
+        if self._ids_only:
+            raise OrthrusError("the last decode sent back token ids only (backend sampling is on): "
+                               "call set_backend_sampling(False) before a decode whose logits you need")
         n_out = self.n_outputs
         n_rows = n_out if n_rows is None else n_rows
         if not 0 < n_rows <= n_out:
@@ -619,12 +643,48 @@ class NativeModel:
 
     @_guarded
     def argmax(self, n_rows: int | None = None) -> np.ndarray:
-        """Argmax of each of the first n_rows rows of logits (ties: lowest id), int32 [n_rows]."""
+        """Argmax of each of the first n_rows rows of logits, int32 [n_rows]: on the host
+        (ties: lowest id), or, if the last decode ran with backend sampling, as the output
+        layer's device computed it (ggml_argmax: its own ties rule, the same for every forward)."""
         n_rows = self.n_outputs if n_rows is None else n_rows
         out = np.empty(n_rows, dtype=np.int32)
-        check(self.n.orthrus_argmax(self.ctx, n_rows, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))),
-              f"argmax of {n_rows} rows")
+        fn = self.n.orthrus_sampled if self._ids_only else self.n.orthrus_argmax
+        status = fn(self.ctx, n_rows, out.ctypes.data)
+        if status != OK:
+            check(status, f"argmax of {n_rows} rows")
         return out
+
+    @property
+    def backend_sampling(self) -> bool:
+        """Whether decodes now pick greedy tokens on the backend (set_backend_sampling)."""
+        return self._chain is not None
+
+    @_guarded
+    def set_backend_sampling(self, on: bool) -> bool:
+        """Greedy picks on the device of the output layer from the next decode on (on), or
+        logits for the host (off); returns whether backend sampling is now on. Only a model
+        opened with backend_sampling (the default where layers are offloaded) can turn it on.
+        A change re-reserves llama.cpp's scheduler and so drops the kept graphs: switch per
+        generation, not per step."""
+        on = bool(on) and self._can_sample
+        if on == (self._chain is not None):
+            return on
+        lc = self.n.llama_cpp
+        if not on:
+            lc.llama_set_sampler(self.ctx, self.seq, None)
+            lc.llama_sampler_free(self._chain)
+            self._chain = None
+            return False
+        # a chain initialises for one context once: a new one each time it is attached
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        if not lc.llama_set_sampler(self.ctx, self.seq, chain):
+            # llama.cpp could not offload it (it logged why): the host's argmax, from now on
+            lc.llama_sampler_free(chain)
+            self._can_sample = False
+            return False
+        self._chain = chain
+        return True
 
     # -------------------------------------------------------------- graphs
 

@@ -19,6 +19,12 @@ def test_generate_streams_the_api_text(tiny_gguf):
     assert r.stdout == want + "\n"
     stats = json.loads(r.stderr[r.stderr.index("{"):])
     assert stats["tokens"] == 20 and stats["mode"] == "orthrus"
+    assert stats["backend_sampling"] is False  # the CPU default
+    # greedy picks in the graph (forced on the CPU): the same text
+    r = cli("generate", "-m", path, "-p", "def f(x):", "-n", 20, "--threads", 2, "--stats", "-bs")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    assert json.loads(r.stderr[r.stderr.index("{"):])["backend_sampling"] is True
 
 
 def test_generate_bad_input_exit_code(tiny_gguf, tmp_path):
