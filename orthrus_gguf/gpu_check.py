@@ -47,8 +47,9 @@ DEVICE_HAS = ("numpy", "torch", "safetensors", "click", "jinja2", "pytest", "mat
 CARRY_PACKAGES = ("gguf", "llama_cpp", "diskcache")
 CARRY_SOURCE = "llama.cpp-src.tar.gz"
 # the tests that mean something offloaded (ORTHRUS_TEST_GPU_LAYERS): both views against the
-# reference, the kept graphs, the batched drafts of several sequences
-GPU_TESTS = ("tests/test_native.py", "tests/test_graphs.py", "tests/test_draft_seqs.py")
+# reference, the kept graphs, the batched drafts of several sequences, greedy picks on the GPU
+GPU_TESTS = ("tests/test_native.py", "tests/test_graphs.py", "tests/test_draft_seqs.py",
+             "tests/test_backend_sampling.py")
 # 9 minutes of wall time for the whole check, less room for the transfers and a slow start
 DEFAULT_BUDGET_S = 480
 # On the device, the build and the random GGUFs go under build/ (ignored) in the tree: the
@@ -184,19 +185,31 @@ def test_step(ngl: int, log: Log, timeout_s: float) -> dict:
     return {"returncode": rc, "tail": tail}
 
 
-def cost_step(name: str, path: Path, ngl: int, widths, rounds: int, log: Log) -> dict:
-    """One model's cost table with kept graphs and with upstream's single graph."""
+# widths of the host-argmax cost table (what backend sampling saves; a few suffice)
+HOST_ARGMAX_WIDTHS = (1, 2, 4, 8, 16, 32)
+
+
+def cost_step(name: str, path: Path, ngl: int, widths, rounds: int, log: Log, backend_sampling=None) -> dict:
+    """One model's cost table with kept graphs and with upstream's single graph, both as
+    greedy decoding runs (backend sampling where offloaded, or as `backend_sampling` says);
+    then, if that had backend sampling, the kept graphs again at a few widths with the logits
+    sent to the host's argmax: what backend sampling saves."""
     from .bench import cost_table, format_costs
     from .native import NativeModel
     out = {}
-    for slots in (16, 0):
-        with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=ngl) as nm:
+
+    def run(key: str, slots: int, backend_sampling, ws) -> dict:
+        with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=ngl, backend_sampling=backend_sampling) as nm:
             nm.set_graph_slots(slots)
             t0 = time.monotonic()
-            tab = cost_table(nm, [w for w in widths if w <= nm.block_size], rounds=rounds)
-        key = "kept_graphs" if slots else "single_graph"
-        out[key] = tab
+            out[key] = tab = cost_table(nm, [w for w in widths if w <= nm.block_size and w in ws], rounds=rounds)
         log(f"costs {name}, {key} ({time.monotonic() - t0:.0f} s):\n{format_costs(tab)}")
+        return tab
+
+    run("kept_graphs", 16, backend_sampling, widths)
+    run("single_graph", 0, backend_sampling, widths)
+    if out["kept_graphs"]["backend_sampling"]:
+        run("host_argmax", 16, False, HOST_ARGMAX_WIDTHS)
     return out
 
 
@@ -232,7 +245,13 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(w, [r["pair_alternating"] for r in rows], style, marker=".", label=f"draft+verify, {key}")
             ax.plot(w, [r["verify"] for r in rows], style, alpha=0.5, label=f"verify, {key}")
             if key == "kept_graphs" and all("argmax" in r for r in rows):
-                ax.plot(w, [r["argmax"] for r in rows], ":", label="host argmax of w rows")
+                where = "token ids read" if tabs[key].get("backend_sampling") else "host argmax"
+                ax.plot(w, [r["argmax"] for r in rows], ":", label=f"{where}, w rows")
+        if "host_argmax" in tabs:  # the same forwards sending their logits to the host, in
+            unit = tabs["kept_graphs"]["unit_s"]  # the kept graphs' unit: one plot, one scale
+            rows = tabs["host_argmax"]["rows"]
+            ax.plot([r["width"] for r in rows], [(r["pair_alternating_s"] + 2 * r["argmax_s"]) / unit for r in rows],
+                    "s:", label="draft+verify with logits to the host, + 2 host argmaxes")
         ax.set(title=name, xlabel="width w", ylabel="one-token forwards", ylim=(0, None))
         ax.legend(fontsize=7)
     ax = axes[-1]

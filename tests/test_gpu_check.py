@@ -138,3 +138,20 @@ def test_make_carry_never_replaces_another_folder(tmp_path):
     assert r.returncode == 1 and "exists and is not a carry" in r.stderr
     assert (other / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_costs_with_backend_sampling_add_the_host_argmax_table(tiny_gguf, tmp_path):
+    """Where greedy picks run in the graph (forced here on the CPU), the cost step also times
+    the same forwards with their logits sent to the host, and the plot draws both in one unit."""
+    from orthrus_gguf.gpu_check import HOST_ARGMAX_WIDTHS, Log, cost_step, plot
+    path = tiny_gguf("f32", tied=False)
+    costs = cost_step("tiny", path, 0, (1, 2, 3, 4), rounds=1, log=Log(tmp_path / "log"), backend_sampling=True)
+    assert costs["kept_graphs"]["backend_sampling"] and costs["single_graph"]["backend_sampling"]
+    host = costs["host_argmax"]
+    assert host["backend_sampling"] is False
+    assert [r["width"] for r in host["rows"]] == [w for w in (1, 2, 3, 4) if w in HOST_ARGMAX_WIDTHS]
+    assert "argmax on the device (backend sampling)" in (tmp_path / "log").read_text()
+    plot({"backend": "cpu", "costs": {"tiny": costs}}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # as the device check runs a CPU: no backend sampling, so no third table
+    assert "host_argmax" not in cost_step("tiny", path, 0, (1, 2), rounds=1, log=Log(tmp_path / "log2"))
