@@ -109,7 +109,7 @@ class Orthrus:
         self._nm = NativeModel(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch,
                                n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_type=type_k,
                                type_v=type_v, flash_attn=flash_attn, exact=mode, rpc_servers=rpc_servers,
-                               backend_sampling=backend_sampling)
+                               backend_sampling=backend_sampling, n_outputs_max="block")
         nm = self._nm
         if nm.is_orthrus and nm.n_ubatch < nm.block_size:
             nm.close()

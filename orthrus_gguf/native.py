@@ -357,7 +357,8 @@ class NativeModel:
                  n_gpu_layers: int | str = 0, kv_type: str | int = "f16", type_v: str | int | None = None,
                  flash_attn: bool | None = None, seq: int = 0, repack: bool = True,
                  exact: bool | str = False, rpc_servers: str | list[str] | None = None,
-                 n_seq_max: int = 1, kv_unified: bool = False, backend_sampling: bool | None = None):
+                 n_seq_max: int = 1, kv_unified: bool = False, backend_sampling: bool | None = None,
+                 n_outputs_max: int | str | None = None):
         self._ctx = self._model = None
         self._batch = None
         self._chain = None  # the greedy sampler chain attached for backend sampling, if any
@@ -405,6 +406,17 @@ class NativeModel:
             raise
         # None: llama.cpp decides (enabled where the backend supports it)
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
+        # n_outputs_max: the most rows of logits one decode may have (None: n_batch, llama.cpp's
+        # default; "block": the GGUF's block, all an Orthrus loop needs). llama.cpp reserves its
+        # compute buffers for a batch whose every row has logits: n_ubatch x n_vocab floats,
+        # 300 MiB at 512 x 151,936 (twice that with backend sampling), against 19 MiB at 32.
+        if n_outputs_max == "block":
+            n_outputs_max = max(1, self.n.model_orthrus_block_size(self._model))
+        if n_outputs_max is not None:
+            if isinstance(n_outputs_max, bool) or not isinstance(n_outputs_max, int) or n_outputs_max < 1:
+                self.close()
+                raise OrthrusError(f"n_outputs_max must be an integer >= 1, 'block' or None, got {n_outputs_max!r}")
+            cp.n_outputs_max = n_outputs_max
         if backend_sampling:
             cp.n_outputs_max_per_seq = 0  # a verify samples every row of one sequence (default 1)
         self._ctx = lc.llama_init_from_model(self._model, cp)
@@ -416,6 +428,7 @@ class NativeModel:
         self.n_ctx = lc.llama_n_ctx(self._ctx)
         self.n_batch = lc.llama_n_batch(self._ctx)
         self.n_ubatch = lc.llama_n_ubatch(self._ctx)
+        self.n_outputs_max = n_outputs_max or self.n_batch
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
         self.block_size = self.n.model_orthrus_block_size(self._model)
         self.mask_token = self.n.model_orthrus_mask_token(self._model)

@@ -211,6 +211,7 @@ def test_constructor_parity(tiny_path):
     with Orthrus(tiny_path, n_ctx=512, n_batch=128, n_ubatch=64, flash_attn=False, type_k="q8_0",
                  type_v="f16", seed=5, n_threads=2) as a:
         assert (a.native.n_batch, a.native.n_ubatch) == (128, 64)
+        assert a.native.n_outputs_max == a.block_size == 32  # reserves logits for a block, not n_batch
         t1 = a.generate("Q: 1 + 2 = ?", max_tokens=8, temperature=1.0).tokens
     with Orthrus(tiny_path, n_ctx=512, seed=5, n_threads=2) as b:
         assert b.generate("Q: 1 + 2 = ?", max_tokens=8, temperature=1.0).tokens == t1  # the seed carries

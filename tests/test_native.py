@@ -326,6 +326,28 @@ def test_guards_raise_and_leave_state(native, gguf_of):
         assert m.n_past == 21
 
 
+def test_rows_past_n_outputs_max_are_refused(native, gguf_of):
+    """A context made for at most k rows of logits per decode (Orthrus: the block, which
+    shrinks llama.cpp's reserved compute buffers) refuses wider passes with an error, not
+    llama.cpp's abort, and decodes prompts of any length (one row each)."""
+    _, path = gguf_of("gqa-tied-hd16")
+    with open_model(native, path, n_ctx=128, n_batch=64, n_outputs_max=4) as m:
+        assert m.n_outputs_max == 4
+        m.prefill(prompt_ids(40, m.n_vocab, seed=3))
+        for fn in (lambda: m.decode_ar(np.zeros(5, np.int32), 40), lambda: m.draft(1, 40, 5)):
+            with pytest.raises(OrthrusError, match="n_outputs_max"):
+                fn()
+            assert m.n_past == 40
+        m.draft(1, 40, 4)
+        m.decode_ar(np.zeros(4, np.int32), 40)
+        assert m.n_outputs == 4 and m.n_past == 44
+    with pytest.raises(OrthrusError, match="n_outputs_max must be an integer >= 1"):
+        open_model(native, path, n_outputs_max=0)
+    # "block": the GGUF's block size
+    with open_model(native, path, n_outputs_max="block") as m:
+        assert m.n_outputs_max == m.block_size > 1
+
+
 def test_block_past_context_end_is_refused(native, gguf_of):
     _, path = gguf_of("gqa-tied-hd16")
     with open_model(native, path, n_ctx=256, n_batch=64) as m:

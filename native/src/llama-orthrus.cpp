@@ -90,7 +90,8 @@ static int32_t orthrus_check_span(llama_context * ctx, llama_seq_id seq, llama_p
     if (seq < 0 || (uint32_t) seq >= llama_n_seq_max(ctx)) {
         return LLAMA_ORTHRUS_ERR_SEQ;
     }
-    if ((uint32_t) n > llama_n_batch(ctx)) {
+    // every row has logits: llama.cpp asserts a batch's outputs fit the context's n_outputs_max
+    if ((uint32_t) n > llama_n_batch(ctx) || (uint32_t) n > ctx->get_cparams().n_outputs_max) {
         return LLAMA_ORTHRUS_ERR_BATCH;
     }
     llama_memory_t mem = llama_get_memory(ctx);
@@ -134,7 +135,7 @@ const char * llama_orthrus_strerror(int32_t status) {
         case LLAMA_ORTHRUS_ERR_ARG:         return "invalid argument (null pointer, view, length or token id)";
         case LLAMA_ORTHRUS_ERR_SEQ:         return "sequence id outside [0, n_seq_max)";
         case LLAMA_ORTHRUS_ERR_UBATCH:      return "diffusion block longer than n_ubatch (a non-causal batch cannot be split)";
-        case LLAMA_ORTHRUS_ERR_BATCH:       return "more tokens than n_batch";
+        case LLAMA_ORTHRUS_ERR_BATCH:       return "more tokens than n_batch, or more rows of logits than the context's n_outputs_max";
         case LLAMA_ORTHRUS_ERR_POS:         return "position does not follow the cache (p != seq_pos_max + 1)";
         case LLAMA_ORTHRUS_ERR_CTX:         return "p + n exceeds the context size of the sequence";
         case LLAMA_ORTHRUS_ERR_MEMORY:      return "the context has no KV cache";
@@ -217,12 +218,12 @@ int32_t llama_orthrus_draft_seqs(llama_context * ctx, int32_t n_seqs, const llam
     if (n_total > (int64_t) llama_n_ubatch(ctx)) {
         return LLAMA_ORTHRUS_ERR_SPLIT;
     }
-    if (n_total > (int64_t) llama_n_batch(ctx)) {
+    const llama_cparams & cparams = ctx->get_cparams();
+    if (n_total > (int64_t) llama_n_batch(ctx) || n_total > (int64_t) cparams.n_outputs_max) {
         return LLAMA_ORTHRUS_ERR_BATCH;
     }
     // one KV stream per sequence: llama_decode splits the batch into equal per-sequence
     // slices, which keeps every block whole only when all blocks have one length
-    const llama_cparams & cparams = ctx->get_cparams();
     if (!cparams.kv_unified && llama_n_seq_max(ctx) > 1) {
         for (int32_t j = 1; j < n_seqs; ++j) {
             if (n_blocks[j] != n_blocks[0]) {
