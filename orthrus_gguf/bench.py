@@ -89,8 +89,11 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
         for b in blocks:  # warm-up: page in weights, build graphs
             m.generate(first, max_tokens=8, mode="orthrus", block_size=b)
         m.generate(first, max_tokens=8, mode="ar")
+        # where the greedy picks ran (the warm-up left greedy's setting): in the graph on the
+        # output layer's device (backend sampling), or on the host
         report = {"model": Path(model).name, "max_tokens": max_tokens, "n_threads": nm.n_threads,
-                  "n_gpu_layers": gpu_layers(n_gpu_layers), "exact": m.exact, "groups": {}}
+                  "n_gpu_layers": gpu_layers(n_gpu_layers), "exact": m.exact,
+                  "backend_sampling": nm.backend_sampling, "groups": {}}
         if costs and nm.is_orthrus:
             say("measuring forward costs by width …")
             report["costs"] = cost_table(nm)
@@ -102,7 +105,7 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
                                          "verify": {k: x * 1e3 for k, x in v.items()}}
         for group, texts in prompts.items():
             say(f"decoding {len(texts)} {group} prompts …")
-            ar_runs, modes = [], {str(b): {"runs": [], "identical": 0, "first_diff_margins": []} for b in blocks}
+            ar_runs, modes = [], {str(b): {"runs": [], "identical": 0, "differ": []} for b in blocks}
             from tqdm import tqdm
             for text in tqdm(texts, desc=group, unit="prompt", disable=progress is None, leave=False):
                 prompt = m.apply_chat_template([{"role": "user", "content": text}]) if chat else text
@@ -119,17 +122,23 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
                         rec["identical"] += 1
                     else:
                         i = next(i for i, (x, y) in enumerate(zip(o.tokens + [-1], ar.tokens + [-2])) if x != y)
-                        rec["first_diff_margins"].append(first_difference_margin(m, prompt, ar.tokens[:i]))
+                        rec["differ"].append((prompt, ar.tokens[:i]))
             g = {"prompts": len(texts), "ar": _agg(ar_runs), "orthrus": {}}
             for b in blocks:
                 rec = modes[str(b)]
                 agg = _agg(rec["runs"])
                 agg["speedup"] = agg["tokens_per_second"] / g["ar"]["tokens_per_second"]
                 agg["identical"] = f"{rec['identical']}/{len(texts)}"
-                agg["first_diff_margins"] = rec["first_diff_margins"]
+                agg["first_diff_margins"] = rec["differ"]  # filled in after every timed run
                 agg["acceptance_by_position"] = acceptance_by_position(rec["runs"], nm.block_size)
                 g["orthrus"][str(b)] = agg
             report["groups"][group] = g
+        # after all timed runs: the margins need logits, and turning backend sampling off and
+        # on again would drop the kept graphs between timed runs
+        for g in report["groups"].values():
+            for agg in g["orthrus"].values():
+                agg["first_diff_margins"] = [first_difference_margin(m, p, common)
+                                             for p, common in agg["first_diff_margins"]]
     return report
 
 

@@ -154,3 +154,41 @@ def test_status_codes_match_the_patched_header():
     header = {name: int(v) for name, v in re.findall(r"^\+#define LLAMA_ORTHRUS_(OK|ERR_\w+)\s+(-?\d+)", text, re.M)}
     assert len(header) >= 16
     assert header == {name: getattr(native, name) for name in header}
+
+
+def test_bench_times_every_run_with_backend_sampling_and_measures_margins_after(model_path, monkeypatch):
+    """bench on a model with backend sampling: no timed run has it switched off in between
+    (the margin of a differing run needs logits, and each switch drops the kept graphs), the
+    report says it was on, and each first difference gets its margin afterwards: the AR
+    top-1 minus top-2 logit, relative to |top-1|, after the common prefix, as numpy computes
+    it from the logits."""
+    from orthrus_gguf import bench
+    events = []
+    generate, switch = Orthrus.generate, NativeModel.set_backend_sampling
+
+    def spy_generate(self, prompt, max_tokens=256, **kw):
+        events.append("run")
+        r = generate(self, prompt, max_tokens, **kw)
+        if kw.get("mode") == "orthrus" and prompt == "a" and max_tokens == 12:  # a made-up difference
+            r.tokens[5] = (r.tokens[5] + 1) % self.native.n_vocab
+        return r
+
+    def spy_switch(self, on):
+        if self.backend_sampling and not on:
+            events.append("off")
+        return switch(self, on)
+    monkeypatch.setattr(Orthrus, "generate", spy_generate)
+    monkeypatch.setattr(NativeModel, "set_backend_sampling", spy_switch)
+    rep = bench.run_bench(model_path, {"g": ["a", "b"]}, max_tokens=12, block_sizes=(8,), n_threads=2,
+                          backend_sampling=True)
+    assert rep["backend_sampling"] is True
+    assert events == ["run"] * (2 + 2 * 2) + ["off"], events  # warm-ups, then AR + Orthrus per prompt
+    o = rep["groups"]["g"]["orthrus"]["8"]
+    assert o["identical"] == "1/2" and len(o["first_diff_margins"]) == 1
+    monkeypatch.undo()
+    with Orthrus(model_path, n_threads=2) as m:
+        common = generate(m, "a", 5, mode="ar").tokens
+        m.native.clear()
+        m.native.prefill(m.tokenize("a", special=True) + common)
+        row = np.sort(m.native.logits(1)[0])
+    assert o["first_diff_margins"][0] == pytest.approx((row[-1] - row[-2]) / abs(row[-1]), rel=1e-6)
