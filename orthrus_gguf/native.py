@@ -385,6 +385,9 @@ class NativeModel:
         # floats (19 MB for 32 rows of a 152k vocabulary) to be argmaxed by the host. Worth it
         # where the output layer is not on this CPU: by default, wherever any layer is offloaded
         # (llama.cpp puts the output layer on the GPU from n_gpu_layers >= 1), locally or by RPC.
+        if not (backend_sampling is None or isinstance(backend_sampling, (bool, np.bool_))):
+            raise OrthrusError(f"backend_sampling must be True, False or None (where layers are offloaded), "
+                               f"got {backend_sampling!r}")
         if backend_sampling is None:
             backend_sampling = mp.n_gpu_layers != 0 and (self._devices is not None or bool(_local_gpus()))
         self._model = lc.llama_model_load_from_file(str(path).encode(), mp)

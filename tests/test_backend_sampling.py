@@ -93,6 +93,11 @@ def test_a_model_without_it_stays_on_the_host(model_path):
         assert np.isfinite(nm.logits(1)).all()
 
 
+def test_a_bad_setting_is_an_error_before_loading(model_path):
+    with pytest.raises(OrthrusError, match="backend_sampling must be True, False or None"):
+        Orthrus(model_path, backend_sampling="yes")
+
+
 def test_the_c_api_says_when_no_row_was_sampled(model_path):
     import ctypes
     with NativeModel(model_path, n_ctx=256, n_batch=64, n_threads=2, n_gpu_layers=0) as nm:
