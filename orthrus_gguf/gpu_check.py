@@ -42,8 +42,9 @@ from .errors import Signalled, raise_signal
 ROOT = Path(__file__).resolve().parent.parent
 # the targets (GPU only): what a step must cost for Orthrus to pay
 TARGETS = {"tiny_auto_speedup_min": 1.3, "1.7b_pair16_max": 2.5, "8b_pair16_max": 2.3}
-# what the check imports that the device's python3 has, and what must be carried to it
-DEVICE_HAS = ("numpy", "torch", "safetensors", "click", "jinja2", "pytest", "matplotlib")
+# what the check imports that the device's python3 has (its image lists them all: tqdm is
+# the bench's progress), and what must be carried to it
+DEVICE_HAS = ("numpy", "torch", "safetensors", "click", "jinja2", "pytest", "matplotlib", "tqdm")
 CARRY_PACKAGES = ("gguf", "llama_cpp", "diskcache")
 CARRY_SOURCE = "llama.cpp-src.tar.gz"
 # the tests that mean something offloaded (ORTHRUS_TEST_GPU_LAYERS): both views against the
