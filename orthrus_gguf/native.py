@@ -47,6 +47,20 @@ VIEW_DIFFUSION = 1
 # enum ggml_type of the KV cache types llama.cpp's -ctk/-ctv accept
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20,
              "q5_0": 6, "q5_1": 7}
+# Backend sampling by default from this vocabulary size on (where layers are offloaded). What
+# it saves grows with the vocabulary: each row's n_vocab floats not copied to the host (~0.16
+# ns each over PCIe) and not scanned there (~0.2-0.5 ns each); what it adds does not:
+# llama.cpp's sampling graph has an argmax node and a separate device-to-host copy per row
+# (a few us each). They break even near 10k tokens (an estimate, not measured on a GPU):
+# Qwen3's 151,936 gains, orthrus-tiny's 4,096 would lose.
+BACKEND_SAMPLING_MIN_VOCAB = 16384
+
+
+def default_backend_sampling(offloaded: bool, n_vocab: int) -> bool:
+    """Whether NativeModel(backend_sampling=None) turns backend sampling on."""
+    return offloaded and n_vocab >= BACKEND_SAMPLING_MIN_VOCAB
+
+
 # LLAMA_ORTHRUS_EXACT_* of include/llama.h: which forwards run on the batch-invariant kernels
 EXACT_MODES = {"off": 0, "verify": 1, "all": 2}
 
@@ -383,16 +397,19 @@ class NativeModel:
         # backend sampling (llama.cpp's, with a greedy chain): greedy picks are argmaxes on the
         # device of the output layer, and a forward sends back w token ids, not w x n_vocab
         # floats (19 MB for 32 rows of a 152k vocabulary) to be argmaxed by the host. Worth it
-        # where the output layer is not on this CPU: by default, wherever any layer is offloaded
-        # (llama.cpp puts the output layer on the GPU from n_gpu_layers >= 1), locally or by RPC.
+        # where the output layer is not on this CPU (llama.cpp puts it on the GPU from
+        # n_gpu_layers >= 1, locally or by RPC) and the vocabulary is large
+        # (default_backend_sampling).
         if not (backend_sampling is None or isinstance(backend_sampling, (bool, np.bool_))):
-            raise OrthrusError(f"backend_sampling must be True, False or None (where layers are offloaded), "
-                               f"got {backend_sampling!r}")
-        if backend_sampling is None:
-            backend_sampling = mp.n_gpu_layers != 0 and (self._devices is not None or bool(_local_gpus()))
+            raise OrthrusError(f"backend_sampling must be True, False or None (where layers are offloaded "
+                               f"and the vocabulary is large), got {backend_sampling!r}")
+        offloaded = mp.n_gpu_layers != 0 and (self._devices is not None or bool(_local_gpus()))
         self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
             raise OrthrusError(f"llama.cpp could not load {path} (set ORTHRUS_GGUF_VERBOSE=1 for its log)")
+        if backend_sampling is None:
+            backend_sampling = default_backend_sampling(
+                offloaded, lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model)))
         cp = lc.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
@@ -679,7 +696,7 @@ class NativeModel:
     def set_backend_sampling(self, on: bool) -> bool:
         """Greedy picks on the device of the output layer from the next decode on (on), or
         logits for the host (off); returns whether backend sampling is now on. Only a model
-        opened with backend_sampling (the default where layers are offloaded) can turn it on.
+        opened with backend_sampling (by default: offloaded, with a large vocabulary) can turn it on.
         A change re-reserves llama.cpp's scheduler and so drops the kept graphs: switch per
         generation, not per step."""
         on = bool(on) and self._can_sample

@@ -85,6 +85,16 @@ def test_logits_are_refused_after_an_ids_only_decode(model_path):
         assert dev.argmax(1)[0] == int(np.argmax(dev.logits(1)[0]))
 
 
+def test_default_only_where_the_logits_copy_is_worth_saving():
+    """On by default where layers are offloaded and rows are wide: a Qwen3 vocabulary, not
+    orthrus-tiny's (per row it saves n_vocab floats and adds a node and a copy)."""
+    from orthrus_gguf.native import BACKEND_SAMPLING_MIN_VOCAB, default_backend_sampling
+    assert default_backend_sampling(True, 151936)
+    assert not default_backend_sampling(True, 4096)
+    assert not default_backend_sampling(False, 151936)
+    assert 4096 < BACKEND_SAMPLING_MIN_VOCAB <= 32768
+
+
 def test_a_model_without_it_stays_on_the_host(model_path):
     # the default on a CPU: n_gpu_layers=0 offloads nothing, so there is no chain to attach
     with NativeModel(model_path, n_ctx=256, n_batch=64, n_threads=2, n_gpu_layers=0) as nm:
