@@ -103,6 +103,7 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
             d, v = m.calibrate()
             report["forward_cost_ms"] = {"draft": {k: x * 1e3 for k, x in d.items()},
                                          "verify": {k: x * 1e3 for k, x in v.items()}}
+        differ = []  # (its record, prompt, common prefix) of each run that differs from AR
         for group, texts in prompts.items():
             say(f"decoding {len(texts)} {group} prompts …")
             ar_runs, modes = [], {str(b): {"runs": [], "identical": 0, "differ": []} for b in blocks}
@@ -129,16 +130,15 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
                 agg = _agg(rec["runs"])
                 agg["speedup"] = agg["tokens_per_second"] / g["ar"]["tokens_per_second"]
                 agg["identical"] = f"{rec['identical']}/{len(texts)}"
-                agg["first_diff_margins"] = rec["differ"]  # filled in after every timed run
+                agg["first_diff_margins"] = []  # filled in after every timed run
+                differ += [(agg, p, common) for p, common in rec["differ"]]
                 agg["acceptance_by_position"] = acceptance_by_position(rec["runs"], nm.block_size)
                 g["orthrus"][str(b)] = agg
             report["groups"][group] = g
         # after all timed runs: the margins need logits, and turning backend sampling off and
         # on again would drop the kept graphs between timed runs
-        for g in report["groups"].values():
-            for agg in g["orthrus"].values():
-                agg["first_diff_margins"] = [first_difference_margin(m, p, common)
-                                             for p, common in agg["first_diff_margins"]]
+        for agg, p, common in differ:
+            agg["first_diff_margins"].append(first_difference_margin(m, p, common))
     return report
 
 

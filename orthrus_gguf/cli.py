@@ -126,7 +126,7 @@ MODEL_OPTIONS = [
                  help="physical batch (at least the GGUF's block size)"),
     click.option("-bs", "--backend-sampling/--no-backend-sampling", "backend_sampling", default=None,
                  help="greedy picks on the device of the output layer, so that no logits come back "
-                      "(default: on when layers are offloaded)"),
+                      "(default: on when layers are offloaded and the vocabulary is large)"),
 ]
 
 

@@ -199,13 +199,12 @@ def cost_step(name: str, path: Path, ngl: int, widths, rounds: int, log: Log, ba
     from .native import NativeModel
     out = {}
 
-    def run(key: str, slots: int, backend_sampling, ws) -> dict:
+    def run(key: str, slots: int, backend_sampling, ws) -> None:
         with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=ngl, backend_sampling=backend_sampling) as nm:
             nm.set_graph_slots(slots)
             t0 = time.monotonic()
             out[key] = tab = cost_table(nm, [w for w in widths if w <= nm.block_size and w in ws], rounds=rounds)
         log(f"costs {name}, {key} ({time.monotonic() - t0:.0f} s):\n{format_costs(tab)}")
-        return tab
 
     run("kept_graphs", 16, backend_sampling, widths)
     run("single_graph", 0, backend_sampling, widths)
