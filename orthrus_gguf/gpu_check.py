@@ -14,10 +14,11 @@
    after every step, so a run cut short still leaves what it measured), DIR/gpu_check.png and
    DIR/gpu_check.log.
 
-The device machine has its own python3 with numpy, torch, safetensors, click, jinja2, pytest
-and matplotlib, and no package registry. `--make-carry DIR` (here, `make gpu-carry`) writes
-the rest into DIR: the packages below on PYTHONPATH, and the llama.cpp source. A check that
-would run past --budget seconds skips its remaining steps (and says so) rather than be killed.
+The device machine has its own python3 with numpy, torch, safetensors, tokenizers, click,
+jinja2, pytest and matplotlib, and no package registry. `--make-carry DIR` (here, `make
+gpu-carry`) writes the rest into DIR: the packages below on PYTHONPATH, and the llama.cpp
+source. A check that would run past --budget seconds skips its remaining steps (and says so)
+rather than be killed.
 
 The same script runs on a CPU (no nvcc): then it is the CPU path, tested in CI with --quick,
 also as the device runs it (tests/test_gpu_check.py: a copy of the tree, no editable install,
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"tiny_auto_speedup_min": 1.3, "1.7b_pair16_max": 2.5, "8b_pair16_max": 2.3}
 # what the check imports that the device's python3 has (its image lists them all: tqdm is
 # the bench's progress), and what must be carried to it
-DEVICE_HAS = ("numpy", "torch", "safetensors", "click", "jinja2", "pytest", "matplotlib", "tqdm")
+DEVICE_HAS = ("numpy", "torch", "safetensors", "tokenizers", "click", "jinja2", "pytest", "matplotlib", "tqdm")
 CARRY_PACKAGES = ("gguf", "llama_cpp", "diskcache")
 CARRY_SOURCE = "llama.cpp-src.tar.gz"
 # the tests that mean something offloaded (ORTHRUS_TEST_GPU_LAYERS): both views against the
