@@ -322,7 +322,116 @@ def _configure(tree: Path, build: Path, backend: str, progress: bool) -> None:
         if backend == "cuda":
             cmd += [f"-DCMAKE_CUDA_COMPILER_LAUNCHER={ccache}"]
     _say(progress, "configuring: " + " ".join(cmd[5:]))
-    _run_logged(cmd, build.parent.parent / "configure.log", _env(tree), progress=False)
+    log = build.parent.parent / "configure.log"
+    try:
+        _run_logged(cmd, log, _env(tree), progress=False)
+    except OrthrusError:
+        if backend != "cuda":
+            raise
+        # a toolkit without cuBLAS or libcuda (pip-assembled): fill in what is missing, once
+        flags, missing = cuda_completion(_cmake_cache(build), _search_dirs(), _driver_library(),
+                                         build.parent.parent / "cuda-overlay")
+        if missing or not flags:
+            if missing:
+                raise OrthrusError("cannot configure the CUDA backend: missing " + "; ".join(missing)
+                                   + f"; full log: {log}") from None
+            raise
+        _say(progress, "the CUDA toolkit lacks cuBLAS or libcuda; configuring again with " + " ".join(flags))
+        _run_logged(cmd + flags, log, _env(tree), progress=False)
+
+
+def _cmake_cache(build: Path) -> dict[str, str]:
+    """NAME -> value of a build directory's CMakeCache.txt (empty if there is none), and
+    CMAKE_CUDA_COMPILER_VERSION from the compiler check, which the cache does not hold."""
+    out = {}
+    try:
+        text = (build / "CMakeCache.txt").read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        m = re.match(r"^([A-Za-z_][\w.+-]*):[A-Z]+=(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    for f in sorted(build.glob("CMakeFiles/*/CMakeCUDACompiler.cmake")):
+        m = re.search(r'set\(CMAKE_CUDA_COMPILER_VERSION "([\d.]+)"\)', f.read_text(errors="replace"))
+        if m:
+            out["CMAKE_CUDA_COMPILER_VERSION"] = m.group(1)
+    return out
+
+
+def _search_dirs() -> list[Path]:
+    """Where this Python keeps packages (NVIDIA's CUDA wheels install under nvidia/ there)."""
+    import site
+    dirs = [*sys.path, *site.getsitepackages(), site.getusersitepackages()]
+    seen, out = set(), []
+    for d in dirs:
+        if d and d not in seen and Path(d).is_dir():
+            seen.add(d)
+            out.append(Path(d))
+    return out
+
+
+def _driver_library() -> Path | None:
+    """The NVIDIA driver's libcuda.so.1, where the dynamic linker or the container puts it."""
+    try:
+        r = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30)
+        for line in r.stdout.splitlines():
+            name, _, path = line.strip().partition(" => ")
+            if name.startswith("libcuda.so.1 ") and Path(path).is_file():
+                return Path(path)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for d in ("/usr/local/nvidia/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib/wsl/lib",
+              "/usr/lib/aarch64-linux-gnu"):
+        if (Path(d) / "libcuda.so.1").is_file():
+            return Path(d) / "libcuda.so.1"
+    return None
+
+
+def cuda_completion(cache: dict[str, str], search: list[Path], driver: Path | None,
+                    overlay: Path) -> tuple[list[str], list[str]]:
+    """A CUDA toolkit assembled from NVIDIA's pip wheels (nvcc and the runtime, as on this
+    project's machines) may have no cuBLAS and no libcuda stub, so ggml-cuda's CMake finds no
+    CUDA::cublas or CUDA::cuda_driver. From the first configure's cache: (-D flags that
+    supply what is missing, what is still missing). cuBLAS comes from an nvidia-cublas wheel
+    of the toolkit's major version beside this Python (torch brings one); its headers are
+    linked into `overlay`/include; libcuda is the driver's own (`driver`)."""
+    flags, missing = [], []
+    version = cache.get("CMAKE_CUDA_COMPILER_VERSION") or ""
+    major = version.split(".")[0] if version else ""
+    if cache.get("CUDA_cublas_LIBRARY", "").endswith("NOTFOUND"):
+        libs = {}
+        for d in search:
+            for sub in ("nvidia/cu" + major, "nvidia/cublas") if major else ("nvidia/cublas",):
+                lib = d / sub / "lib"
+                hit = sorted(lib.glob(f"libcublas.so.{major or '*'}")) if lib.is_dir() else []
+                lt = sorted(lib.glob(f"libcublasLt.so.{major or '*'}")) if lib.is_dir() else []
+                if hit and lt and (d / sub / "include" / "cublas_v2.h").is_file():
+                    libs = {"cublas": hit[0], "cublasLt": lt[0], "include": d / sub / "include"}
+                    break
+            if libs:
+                break
+        if libs:
+            inc = overlay / "include"
+            if inc.exists():
+                shutil.rmtree(inc)
+            inc.mkdir(parents=True)
+            for h in sorted(libs["include"].glob("cublas*.h")):
+                (inc / h.name).symlink_to(h)
+            flags += [f"-DCUDA_cublas_LIBRARY={libs['cublas']}", f"-DCUDA_cublasLt_LIBRARY={libs['cublasLt']}",
+                      f"-DCMAKE_CUDA_STANDARD_INCLUDE_DIRECTORIES={inc}"]
+        else:
+            missing.append(f"cuBLAS (no libcublas in the toolkit, nor an nvidia-cublas {major or ''} wheel "
+                           "beside this Python: install the toolkit's cuBLAS, or `pip install "
+                           f"nvidia-cublas`, or pass -DCUDA_cublas_LIBRARY=… in ORTHRUS_GGUF_CMAKE_ARGS)")
+    if cache.get("CUDA_cuda_driver_LIBRARY", "").endswith("NOTFOUND") and cache.get("GGML_CUDA_NO_VMM") != "ON":
+        if driver is not None:
+            flags.append(f"-DCUDA_cuda_driver_LIBRARY={driver}")
+        else:
+            missing.append("libcuda (the NVIDIA driver's library: not in the toolkit's stubs nor beside "
+                           "the driver; on a machine without the driver, pass -DGGML_CUDA_NO_VMM=ON or "
+                           "-DCUDA_cuda_driver_LIBRARY=… in ORTHRUS_GGUF_CMAKE_ARGS)")
+    return flags, missing
 
 
 def _compile(tree: Path, build: Path, jobs: int, progress: bool) -> None:

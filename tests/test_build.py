@@ -176,3 +176,112 @@ def test_a_backend_that_cannot_configure_leaves_its_log_not_its_tree(tmp_path, m
     assert not (root / "work-vulkan").exists()
     assert (root / "configure-vulkan-failed.log").read_text() == "Could not find Vulkan\n"
     assert "Could not find Vulkan" in str(e.value)
+
+
+# A CUDA toolkit assembled from NVIDIA's pip wheels has no cuBLAS and no libcuda stub; the
+# first configure's cache then says so (these lines are as CMake 3.25 writes them).
+_CUDA_CACHE = """\
+CUDAToolkit_BIN_DIR:PATH=/usr/local/cuda-13.0/bin
+CUDA_cublasLt_LIBRARY:FILEPATH=CUDA_cublasLt_LIBRARY-NOTFOUND
+CUDA_cublas_LIBRARY:FILEPATH=CUDA_cublas_LIBRARY-NOTFOUND
+CUDA_cuda_driver_LIBRARY:FILEPATH=CUDA_cuda_driver_LIBRARY-NOTFOUND
+CUDA_cudart_LIBRARY:FILEPATH=/usr/local/cuda-13.0/lib/libcudart.so
+//ADVANCED property for variable: CUDA_cublas_LIBRARY
+CUDA_cublas_LIBRARY-ADVANCED:INTERNAL=1
+"""
+
+
+def _cuda_build_dir(path: Path, cache: str = _CUDA_CACHE, version: str = "13.0.88") -> Path:
+    (path / "CMakeFiles" / "3.25.1").mkdir(parents=True, exist_ok=True)
+    (path / "CMakeCache.txt").write_text(cache)
+    (path / "CMakeFiles" / "3.25.1" / "CMakeCUDACompiler.cmake").write_text(
+        f'set(CMAKE_CUDA_COMPILER "/usr/local/bin/nvcc")\nset(CMAKE_CUDA_COMPILER_VERSION "{version}")\n')
+    return path
+
+
+def _wheel(site: Path, sub: str, major: str) -> Path:
+    """The layout of an nvidia-cublas wheel (with a runtime header beside, as nvidia/cu13 has)."""
+    root = site / "nvidia" / sub
+    (root / "lib").mkdir(parents=True)
+    (root / "include").mkdir()
+    for name in (f"libcublas.so.{major}", f"libcublasLt.so.{major}"):
+        (root / "lib" / name).write_bytes(b"\x7fELF")
+    for name in ("cublas_v2.h", "cublas_api.h", "cublasLt.h", "cuda_runtime.h"):
+        (root / "include" / name).write_text("/* header */\n")
+    return root
+
+
+def test_cmake_cache_is_read_with_the_compiler_version(tmp_path):
+    c = build._cmake_cache(_cuda_build_dir(tmp_path / "b"))
+    assert c["CUDA_cublas_LIBRARY"] == "CUDA_cublas_LIBRARY-NOTFOUND"
+    assert c["CUDA_cudart_LIBRARY"] == "/usr/local/cuda-13.0/lib/libcudart.so"
+    assert c["CMAKE_CUDA_COMPILER_VERSION"] == "13.0.88"
+    assert build._cmake_cache(tmp_path / "nothing") == {}
+
+
+def test_a_toolkit_without_cublas_or_libcuda_is_completed_from_the_wheels(tmp_path):
+    cache = build._cmake_cache(_cuda_build_dir(tmp_path / "b"))
+    site = tmp_path / "site"
+    _wheel(site, "cu12", "12")  # another major version: never taken for a 13.x toolkit
+    w = _wheel(site, "cu13", "13")
+    driver = tmp_path / "driver" / "libcuda.so.1"
+    flags, missing = build.cuda_completion(cache, [tmp_path / "empty", site], driver, tmp_path / "overlay")
+    assert missing == []
+    inc = tmp_path / "overlay" / "include"
+    assert flags == [f"-DCUDA_cublas_LIBRARY={w / 'lib' / 'libcublas.so.13'}",
+                     f"-DCUDA_cublasLt_LIBRARY={w / 'lib' / 'libcublasLt.so.13'}",
+                     f"-DCMAKE_CUDA_STANDARD_INCLUDE_DIRECTORIES={inc}",
+                     f"-DCUDA_cuda_driver_LIBRARY={driver}"]
+    # only cuBLAS's headers: the toolkit's own runtime headers stay the ones nvcc uses
+    assert sorted(p.name for p in inc.iterdir()) == ["cublasLt.h", "cublas_api.h", "cublas_v2.h"]
+    assert (inc / "cublas_v2.h").resolve() == (w / "include" / "cublas_v2.h").resolve()
+
+
+def test_a_complete_toolkit_needs_nothing_and_a_hopeless_one_says_what_to_do(tmp_path):
+    complete = _CUDA_CACHE.replace("CUDA_cublas_LIBRARY-NOTFOUND", "/cuda/lib64/libcublas.so").replace(
+        "CUDA_cuda_driver_LIBRARY-NOTFOUND", "/cuda/lib64/stubs/libcuda.so")
+    cache = build._cmake_cache(_cuda_build_dir(tmp_path / "ok", complete))
+    assert build.cuda_completion(cache, [], None, tmp_path / "o1") == ([], [])
+    # a cuBLAS 12 wheel beside a CUDA 13 toolkit, and no driver on the machine
+    site = tmp_path / "site"
+    _wheel(site, "cublas", "12")
+    cache = build._cmake_cache(_cuda_build_dir(tmp_path / "bad"))
+    flags, missing = build.cuda_completion(cache, [site], None, tmp_path / "o2")
+    assert flags == [] and len(missing) == 2
+    assert missing[0].startswith("cuBLAS") and "pip install nvidia-cublas" in missing[0]
+    assert missing[1].startswith("libcuda") and "-DGGML_CUDA_NO_VMM=ON" in missing[1]
+    # without VMM ggml-cuda does not link libcuda
+    cache["GGML_CUDA_NO_VMM"] = "ON"
+    assert [m[:6] for m in build.cuda_completion(cache, [site], None, tmp_path / "o3")[1]] == ["cuBLAS"]
+
+
+def test_cuda_configure_runs_again_with_the_completion_or_names_what_is_missing(tmp_path, monkeypatch):
+    bdir = tmp_path / "work" / "llama.cpp" / "build"
+    calls = []
+
+    def run_logged(cmd, log, env, progress):
+        calls.append(cmd)
+        if len(calls) == 1:
+            _cuda_build_dir(bdir)
+            raise OrthrusError("cmake -S … failed (exit 1)")
+    monkeypatch.setattr(build, "_run_logged", run_logged)
+    site = tmp_path / "site"
+    w = _wheel(site, "cu13", "13")
+    monkeypatch.setattr(build, "_search_dirs", lambda: [site])
+    monkeypatch.setattr(build, "_driver_library", lambda: tmp_path / "libcuda.so.1")
+    build._configure(tmp_path / "work" / "llama.cpp", bdir, "cuda", progress=False)
+    assert len(calls) == 2 and calls[1][: len(calls[0])] == calls[0]
+    assert f"-DCUDA_cublas_LIBRARY={w / 'lib' / 'libcublas.so.13'}" in calls[1]
+    # no wheel and no driver: one clear error, no second configure
+    shutil.rmtree(bdir)
+    calls.clear()
+    monkeypatch.setattr(build, "_search_dirs", lambda: [])
+    monkeypatch.setattr(build, "_driver_library", lambda: None)
+    with pytest.raises(OrthrusError, match="cannot configure the CUDA backend: missing cuBLAS .*; libcuda "):
+        build._configure(tmp_path / "work" / "llama.cpp", bdir, "cuda", progress=False)
+    assert len(calls) == 1
+    # another backend's failure is never retried
+    calls.clear()
+    with pytest.raises(OrthrusError, match="failed"):
+        build._configure(tmp_path / "work" / "llama.cpp", bdir, "vulkan", progress=False)
+    assert len(calls) == 1
