@@ -231,6 +231,9 @@ def _tree_members(tar: tarfile.TarFile, prefix: str):
     for m in tar.getmembers():
         if m.name.startswith(prefix) and m.name[len(prefix):]:
             m.name = m.name[len(prefix):]
+            # a long name came in a PAX record, which would win over the new name when the
+            # member is written out again (write_source_tarball)
+            m.pax_headers.pop("path", None)
             yield m
 
 

@@ -285,3 +285,39 @@ def test_cuda_configure_runs_again_with_the_completion_or_names_what_is_missing(
     with pytest.raises(OrthrusError, match="failed"):
         build._configure(tmp_path / "work" / "llama.cpp", bdir, "vulkan", progress=False)
     assert len(calls) == 1
+
+
+def test_the_carried_source_keeps_long_paths_in_place(tmp_path, monkeypatch):
+    """Names over 100 bytes travel in PAX records; renaming a member must rename those too,
+    or the CUDA template instances land under the sdist's prefix and CMake cannot find them."""
+    import io
+    import tarfile
+    short, long = "ggml/CMakeLists.txt", "ggml/src/ggml-cuda/template-instances/" + "x" * 80 + ".cu"
+    sdist = tmp_path / "sdist.tar.gz"
+    with tarfile.open(sdist, "w:gz", format=tarfile.PAX_FORMAT) as t:
+        for name in (short, long, "docs/skipped.md"):
+            data = name.encode()
+            info = tarfile.TarInfo(build.SDIST_TREE + name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(build, "fetch_sdist", lambda progress: sdist)
+    carried = build.write_source_tarball(tmp_path / "src.tar.gz")
+    with tarfile.open(carried) as t:
+        assert sorted(t.getnames()) == sorted([short, long])
+    build.extract_tree(carried, tmp_path / "tree", prefix="")
+    assert (tmp_path / "tree" / long).read_text() == long
+    assert (tmp_path / "tree" / short).read_text() == short
+
+
+def test_the_carried_source_of_the_pinned_sdist_is_its_tree(tmp_path):
+    """The real sdist (fetched by the build): every file of vendor/llama.cpp outside the
+    skipped folders, at its own path, the CUDA template instances included."""
+    import tarfile
+    carried = build.write_source_tarball(tmp_path / "src.tar.gz")
+    with tarfile.open(build.fetch_sdist(progress=False)) as t:
+        want = {n[len(build.SDIST_TREE):] for n in t.getnames() if n.startswith(build.SDIST_TREE)}
+    want = {n for n in want if n and not n.startswith(build._SOURCE_SKIP) and n != ".git"}
+    with tarfile.open(carried) as t:
+        got = set(t.getnames())
+    assert got == want
+    assert "ggml/src/ggml-cuda/template-instances/fattn-vec-instance-f16-f16.cu" in got
