@@ -107,7 +107,7 @@ def server_command(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
             cmd += ["--spec-orthrus-auto"]
             note = f"Orthrus drafting on: auto length, up to {block - 1} drafts per step"
         else:
-            n = block - 1 if draft_max is None else _draft_max(draft_max, block)
+            n = block - 1 if draft_max is None else check_draft_max(draft_max, block)
             cmd += ["--spec-draft-n-max", str(n)]
             note = f"Orthrus drafting on: {n} drafts per step (block size {block})"
         if rule == "match":
@@ -119,7 +119,7 @@ def server_command(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
     return cmd + [str(a) for a in extra], note
 
 
-def _draft_max(value, block: int) -> int:
+def check_draft_max(value, block: int) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
@@ -153,8 +153,9 @@ def check_port(port, host: str | None = "127.0.0.1") -> None:
 
 
 def _die_with_parent(parent: int):
-    """For Popen's preexec_fn on Linux: the child gets SIGTERM when the thread that started
-    it ends, even by SIGKILL, so that no llama-server outlives serve. Everything the hook
+    """For Popen's preexec_fn on Linux: the child gets SIGKILL when the thread that started
+    it ends, even by SIGKILL, so that no llama-server outlives serve (SIGTERM would not do:
+    llama-server waits for an open stream first, about 30 s). Everything the hook
     needs is looked up here, in the parent: between fork and exec the child must not import
     or take locks another thread may hold."""
     import ctypes
@@ -162,7 +163,7 @@ def _die_with_parent(parent: int):
     getppid, exit_ = os.getppid, os._exit
 
     def hook():
-        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
         if getppid() != parent:  # the parent died before the call
             exit_(1)
     return hook
@@ -225,14 +226,20 @@ class Server:
         return ":\n" + self.log_path.read_bytes()[-n:].decode(errors="replace")
 
     def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM; llama-server finishes open streams first, and stops at once on a second
+        signal, which comes after a second; SIGKILL if it is still there after `grace`."""
         p, self.proc = self.proc, None
         if p is not None and p.poll() is None:
             p.terminate()
             try:
-                p.wait(grace)
+                p.wait(min(1.0, grace))
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                p.terminate()
+                try:
+                    p.wait(max(0.0, grace - 1.0))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         if self._log is not None:
             self._log.close()
             self._log = None

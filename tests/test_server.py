@@ -308,32 +308,63 @@ def test_plain_qwen3_serves_with_drafting_off(tiny_gguf, tmp_path, tmp_path_fact
     assert "orthrus drafting is off" in s.log_path.read_text(errors="replace")
 
 
-def test_serve_command_prints_the_url_and_stops_on_ctrl_c(tiny_gguf):
-    """`orthrus-gguf serve` as a user runs it: it says how it drafts, prints the URL once the
-    server is healthy, serves with drafting, and Ctrl-C (SIGINT) ends it with status 0 and
-    the llama-server process gone (its port refuses connections)."""
-    import os
+def _serve_cli(gguf, port: int):
+    """`orthrus-gguf serve` in a process group of its own, once it has printed its URL:
+    (the process, the lines it printed)."""
     import queue
-    import signal
     import subprocess
     import sys
     import time
-    gguf = tiny_gguf("f32", **MODEL)
-    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "orthrus_gguf.cli", "serve", "-m", str(gguf), "--port", str(port),
                              "--draft-max", "3", "--", *EXACT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     seen = []
-    try:
-        deadline = time.monotonic() + 120
-        while not any(x.startswith("serving ") for x in seen):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
+    deadline = time.monotonic() + 120
+    while not any(x.startswith("serving ") for x in seen):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            _stop_serve_cli(proc)
+            raise AssertionError("".join(seen)[-3000:])
+        try:
+            seen.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass
+    return proc, seen
+
+
+def _stop_serve_cli(proc) -> None:
+    """SIGINT first, so that serve stops its llama-server too; then SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
             try:
-                seen.append(lines.get(timeout=1))
-            except queue.Empty:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
                 pass
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_serve_command_prints_the_url_and_stops_on_ctrl_c(tiny_gguf):
+    """`orthrus-gguf serve` as a user runs it: it says how it drafts, prints the URL once the
+    server is healthy, serves with drafting, and Ctrl-C (SIGINT) ends it with status 0 and
+    the llama-server process gone (its port refuses connections)."""
+    import os
+    import signal
+    gguf = tiny_gguf("f32", **MODEL)
+    port = free_port()
+    proc, seen = _serve_cli(gguf, port)
+    try:
         assert "Orthrus drafting on: 3 drafts per step" in "".join(seen)
         assert f"http://127.0.0.1:{port}" in next(x for x in seen if x.startswith("serving "))
         server = Server([], port=port)
@@ -343,14 +374,50 @@ def test_serve_command_prints_the_url_and_stops_on_ctrl_c(tiny_gguf):
         assert proc.wait(30) == 0
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    finally:  # on a failure: SIGINT first, so that serve stops its llama-server too
-        for sig in (signal.SIGINT, signal.SIGKILL):
-            if proc.poll() is None:
-                os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    pass
+    finally:
+        _stop_serve_cli(proc)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_serve_stopped_during_a_stream_takes_its_server_with_it(tiny_gguf, sig):
+    """A stream is open (its client reads no further) when serve is told to stop: SIGTERM
+    ends both within seconds, and so does SIGKILL, where no cleanup of serve's runs: the
+    child's death signal is SIGKILL, since on the SIGTERM it used to get llama-server
+    waited ~30 s for the open connection. (With a client reading a long stream, llama-server
+    also holds a first SIGTERM; serve's second one ends it: seen by hand, 10.3 s -> 1.3 s.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+    gguf = tiny_gguf("f32", **MODEL)
+    port = free_port()
+    proc, _ = _serve_cli(gguf, port)
+    try:
+        (child,) = _children(proc.pid)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/completion", json.dumps({"prompt": PROMPTS[0], "n_predict": 1000, "stream": True}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline()  # the stream is open and flowing
+        t0 = time.monotonic()
+        os.kill(proc.pid, getattr(signal, sig))
+        proc.wait(30)
+        while os.path.exists(f"/proc/{child}") and time.monotonic() - t0 < 30:
+            try:  # a zombie until its parent (init, or the dead serve's reaper) collects it
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().split(")")[-1].split()[0] == "Z":
+                        break
+            except OSError:
+                break
+            time.sleep(0.05)
+        gone = time.monotonic() - t0
+        conn.close()
+        assert gone < 5, f"llama-server outlived serve by {gone:.1f} s after {sig}"
+        assert proc.returncode == (0 if sig == "SIGTERM" else -signal.SIGKILL)
+    finally:
+        _stop_serve_cli(proc)
+        subprocess.run(["pkill", "-KILL", "-f", f"llama-server.*--port {port}"], check=False)
 
 
 # ---------------------------------------------------------------- temperature > 0: exact in distribution
