@@ -295,7 +295,7 @@ def test_the_carried_source_keeps_long_paths_in_place(tmp_path, monkeypatch):
     short, long = "ggml/CMakeLists.txt", "ggml/src/ggml-cuda/template-instances/" + "x" * 80 + ".cu"
     sdist = tmp_path / "sdist.tar.gz"
     with tarfile.open(sdist, "w:gz", format=tarfile.PAX_FORMAT) as t:
-        for name in (short, long, "docs/skipped.md"):
+        for name in (short, long, "media/skipped.png"):
             data = name.encode()
             info = tarfile.TarInfo(build.SDIST_TREE + name)
             info.size = len(data)
