@@ -16,6 +16,8 @@ def convert(model: str | Path, out: str | Path | None = None, outtype: str = "f1
     from ..errors import OrthrusError
     from .quantize import LOSSLESS, check_imatrix
     from .writer import OUTTYPES, convert_checkpoint
+    if out is not None and not str(out).strip():
+        raise OrthrusError("the output path is empty: name a .gguf file, or leave -o out for NAME-OUTTYPE.gguf")
     if imatrix is not None:
         check_imatrix(imatrix)  # before any download or conversion
     src = locate(model, revision, token, cache_dir)

@@ -13,7 +13,15 @@ SHOWN = ("context_length", "embedding_length", "block_count", "feed_forward_leng
 
 def check_gguf_file(path: str | Path) -> Path:
     """The path, if it is a file that starts with the GGUF magic; else a clear error."""
+    import os
+    if not isinstance(path, (str, os.PathLike)):
+        raise OrthrusError(f"the model path must be a str or a path, got {type(path).__name__} {path!r:.60}")
     path = Path(path)
+    if path.is_dir():
+        raise OrthrusError(f"{path} is a directory, not a GGUF file (a checkpoint directory converts "
+                           "with `orthrus-gguf convert`)")
+    if path.exists() and not path.is_file():
+        raise OrthrusError(f"{path} is not a regular file (expected a .gguf model)")
     if not path.is_file():
         raise OrthrusError(f"{path}: no such file (expected a .gguf model)")
     with open(path, "rb") as f:
@@ -28,7 +36,8 @@ def read_gguf(path: str | Path):
     try:
         return GGUFReader(str(path))
     except Exception as e:
-        raise OrthrusError(f"{path}: cannot read GGUF ({type(e).__name__}: {e})") from None
+        raise OrthrusError(f"{path}: cannot read GGUF: the file is truncated or corrupt "
+                           f"({type(e).__name__}: {e})") from None
 
 
 # llama.cpp asserts (aborts the process) on some impossible hyperparameters instead of
@@ -60,6 +69,8 @@ def preflight(path: str | Path) -> Path:
         block, mask = (field_value(r, f"{arch}.diffusion.{k}") for k in ("block_size", "mask_token_id"))
         if not isinstance(block, int) or not 2 <= block <= MAX_BLOCK_SIZE:
             bad = f"orthrus-qwen3.diffusion.block_size is {block!r}, not in [2, {MAX_BLOCK_SIZE}]"
+        elif mask is None:
+            bad = "it has no orthrus-qwen3.diffusion.mask_token_id (the diffusion view's mask token)"
         elif not isinstance(mask, int) or not isinstance(n_vocab, int) or not 0 <= mask < n_vocab:
             bad = f"orthrus-qwen3.diffusion.mask_token_id is {mask!r}, not a token of the vocabulary [0, {n_vocab})"
         else:

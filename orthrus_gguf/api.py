@@ -96,6 +96,8 @@ class Orthrus:
         n_ubatch = None if n_ubatch is None else check_int("n_ubatch", n_ubatch, 1, INT32_MAX)
         n_threads = None if n_threads is None else check_int("n_threads", n_threads, 1, 1024)
         seed = check_int("seed", seed, 0, LLAMA_DEFAULT_SEED)
+        if not isinstance(verbose, (bool, np.bool_)):
+            raise OrthrusError(f"verbose must be True or False, got {verbose!r}")
         if verbose:
             set_verbose(True)
         # exact: batch-invariant CPU kernels, so a verify batch gives bit for bit the logits of
@@ -168,7 +170,7 @@ class Orthrus:
         if not tmpl:
             raise OrthrusError(f"{self._nm.path}: the GGUF has no chat template (tokenizer.chat_template)")
         if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise OrthrusError("messages must be a list of {'role': str, 'content': str} dicts")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -212,6 +214,8 @@ class Orthrus:
 
     def _policy(self, mode: str, block):
         if mode == "ar":
+            if block is not None:
+                self._check_block(block)  # a wrong block size is an error in either mode
             return ARPolicy()
         if not self._nm.is_orthrus:
             raise OrthrusError(f"{self._nm.path}: architecture {self.arch!r} has no diffusion view; "
@@ -229,12 +233,11 @@ class Orthrus:
             ids = self.tokenize(prompt, add_bos=True, special=True)
         else:
             try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError):
-                raise OrthrusError("the prompt must be a string or a list of token ids") from None
-            bad = [t for t in ids if not 0 <= t < self._nm.n_vocab]
-            if bad:
-                raise OrthrusError(f"token ids must lie in [0, {self._nm.n_vocab}); got {bad[0]}")
+                items = list(prompt)
+            except TypeError:
+                raise OrthrusError("the prompt must be a string or a list of token ids, "
+                                   f"got {type(prompt).__name__}") from None
+            ids = [self._nm.token_id(t) for t in items]  # ints in the vocabulary, not 1.5 or True
         if not ids:
             raise OrthrusError("the prompt is empty")
         return ids

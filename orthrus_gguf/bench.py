@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .api import Orthrus
-from .errors import OrthrusError
+from .errors import OrthrusError, utf8, utf8_text
 from .native import gpu_layers
 
 DEFAULT_PROMPTS = {"text": ["def fibonacci(n):", "import os\n\n\ndef main():", "class Stack:\n    def __init__(self):",
@@ -21,13 +21,16 @@ def load_prompts(path: str | Path | None) -> dict[str, list[str]]:
     if path is None:
         return DEFAULT_PROMPTS
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(utf8_text(Path(path).read_bytes(), f"the prompts file {path}"))
     except (OSError, json.JSONDecodeError) as e:
         raise OrthrusError(f"{path}: cannot read prompts ({e})") from None
     groups = {"prompts": data} if isinstance(data, list) else data
     if not isinstance(groups, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
                                                for v in groups.values()):
         raise OrthrusError(f"{path}: expected a JSON list of strings or an object of such lists")
+    for v in groups.values():
+        for i, text in enumerate(v):
+            utf8(text, f"{path}: prompt {i + 1}")  # a lone surrogate ("\\udcff") has no UTF-8 form
     groups = {k: v for k, v in groups.items() if v}
     if not groups:
         raise OrthrusError(f"{path}: holds no prompts; give at least one")
@@ -128,7 +131,8 @@ def run_bench(model: str | Path, prompts: dict[str, list[str]], max_tokens: int 
             for b in blocks:
                 rec = modes[str(b)]
                 agg = _agg(rec["runs"])
-                agg["speedup"] = agg["tokens_per_second"] / g["ar"]["tokens_per_second"]
+                ar_tps = g["ar"]["tokens_per_second"]  # 0 when every AR run ended at its first token
+                agg["speedup"] = agg["tokens_per_second"] / ar_tps if ar_tps > 0 else float("nan")
                 agg["identical"] = f"{rec['identical']}/{len(texts)}"
                 agg["first_diff_margins"] = []  # filled in after every timed run
                 differ += [(agg, p, common) for p, common in rec["differ"]]

@@ -6,7 +6,7 @@ import sys
 import click
 
 from . import native
-from .errors import OrthrusError, raise_signal
+from .errors import OrthrusError, raise_signal, utf8_text
 
 
 class Group(click.Group):
@@ -20,6 +20,18 @@ class Group(click.Group):
         except OrthrusError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            import errno
+            import os
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO) or e.filename is not None:
+                raise
+            # stdout (or stderr) cannot take the output: say so, and let nothing flush there again
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except OSError:
+                pass
+            click.echo(f"error: cannot write the output: {e.strerror}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", 2)  # Ctrl-C: SIGINT
             click.echo("interrupted" if signum == 2 else f"stopped by signal {signum}", err=True)
@@ -144,20 +156,39 @@ def model_kwargs(kw: dict) -> dict:
                 backend_sampling=kw.pop("backend_sampling"))
 
 
+def _check_outputs(json_out=None, plot=None) -> None:
+    """The report and plot paths, checked before a long run: writable, and a plot's suffix
+    one matplotlib can write."""
+    for path in (json_out, plot):
+        if path is not None:
+            _check_writable(path)
+    if plot is not None:
+        from pathlib import Path
+
+        from matplotlib.backend_bases import FigureCanvasBase
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        suffix = Path(plot).suffix.lower().lstrip(".")
+        if suffix not in kinds:
+            raise OrthrusError(f"{plot}: a plot needs an image suffix matplotlib writes "
+                               f"({', '.join('.' + k for k in sorted(kinds))}), e.g. {Path(plot).stem or 'plot'}.png")
+
+
 def _check_writable(path) -> None:
     """Fail before long work when an output file cannot be written (nothing is left behind)."""
     import os
     from pathlib import Path
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+    if p.is_dir():
+        raise OrthrusError(f"{path} is a directory: name a file to write")
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise OrthrusError(f"{path}: cannot write there (no such directory, or no permission); pick another path")
 
 
 @main.command()
 @model_options
 @click.option("-p", "--prompt", default=None, help="prompt text (with --chat: the user message)")
-@click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+@click.option("-f", "--file", "prompt_file", type=click.File("rb"), default=None,
               help="read the prompt from a file")
 @click.option("--chat", "-cnv", is_flag=True, help="wrap the prompt in the GGUF's chat template")
 @click.option("-sys", "--system-prompt", default=None, help="a system message (implies --chat)")
@@ -173,7 +204,7 @@ def _check_writable(path) -> None:
 @click.option("--frequency-penalty", default=0.0, show_default=True)
 @click.option("-s", "--seed", type=click.IntRange(0), default=None)
 @click.option("--grammar", default=None, help="a GBNF grammar the output must follow")
-@click.option("--grammar-file", type=click.File("r", encoding="utf-8"), default=None, help="the grammar from a file")
+@click.option("--grammar-file", type=click.File("rb"), default=None, help="the grammar from a file")
 @click.option("--mode", type=click.Choice(["orthrus", "ar"]), default="orthrus", show_default=True)
 @click.option("--block-size", default=None, help="draft block: an integer, or 'auto' (default: the GGUF's)")
 @click.option("--stats", "show_stats", is_flag=True, help="print decoding statistics at the end")
@@ -189,8 +220,10 @@ def generate(model, prompt, prompt_file, chat, system_prompt, max_tokens, temp, 
         raise OrthrusError("give the prompt with -p TEXT or -f FILE (one of them)")
     if grammar is not None and grammar_file is not None:
         raise OrthrusError("give the grammar with --grammar or --grammar-file, not both")
-    prompt = prompt if prompt is not None else prompt_file.read()
-    grammar = grammar if grammar_file is None else grammar_file.read()
+    if prompt is None:
+        prompt = utf8_text(prompt_file.read(), f"the prompt file {prompt_file.name}")
+    if grammar_file is not None:
+        grammar = utf8_text(grammar_file.read(), f"the grammar file {grammar_file.name}")
     with Orthrus(model, **model_kwargs(kw)) as m:
         if chat or system_prompt is not None:
             msgs = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
@@ -212,8 +245,8 @@ def generate(model, prompt, prompt_file, chat, system_prompt, max_tokens, temp, 
 @model_options
 @click.option("--prompts", type=click.Path(), default=None,
               help="JSON list of prompts, or an object of named lists")
-@click.option("-n", "--n-gen", "--max-tokens", "max_tokens", type=click.IntRange(1), default=128, show_default=True,
-              help="tokens to generate per prompt")
+@click.option("-n", "--n-gen", "--max-tokens", "max_tokens", type=click.IntRange(2), default=128, show_default=True,
+              help="tokens to generate per prompt (at least 2: the first comes from the prefill, the speed from the rest)")
 @click.option("--block-size", "block_sizes", multiple=True, default=None,
               help="block sizes to compare (repeatable; integers or 'auto'; default: the GGUF's and auto)")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the chat template")
@@ -238,9 +271,7 @@ def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot,
                         plot_costs, plot_report, prefix_cache_parity, run_bench)
     mk = model_kwargs(kw)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    for path in (json_out, plot):  # before the run: an unwritable path fails now, not after it
-        if path is not None:
-            _check_writable(path)
+    _check_outputs(json_out, plot)  # before the run: a bad path fails now, not after it
     if prefix_cache:
         rep = prefix_cache_parity(model, load_prompts(prompts), max_tokens, progress=say, **mk)
         for exact, same in rep["identical"].items():
@@ -249,7 +280,7 @@ def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot,
             with open(json_out, "w") as f:
                 json.dump(rep, f, indent=2)
         return
-    blocks = [int_or(b) for b in block_sizes] if block_sizes else [None, "auto"]
+    blocks = list(dict.fromkeys(int_or(b) for b in block_sizes)) if block_sizes else [None, "auto"]
     rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, chat=chat, costs=costs,
                     graph_slots=graph_slots, progress=say, **mk)
     if output == "json":
@@ -301,9 +332,7 @@ def bench_server(model, prompts, max_tokens, temp, settings, draft_max, concurre
     from .serve_bench import format_server_report, plot_server_report, run_server_bench
     if not os.path.isfile(model):
         raise OrthrusError(f"{model}: no such file")
-    for path in (json_out, plot):
-        if path:
-            _check_writable(path)  # before the run, not after it
+    _check_outputs(json_out, plot)  # before the run, not after it
     rep = run_server_bench(model, load_prompts(prompts), max_tokens, temp, settings,
                            int_or(draft_max), extra, progress=click.echo, concurrency=concurrency)
     click.echo(format_server_report(rep))
@@ -316,7 +345,8 @@ def bench_server(model, prompts, max_tokens, temp, settings, draft_max, concurre
 
 @main.command()
 @click.option("--outtype", "outtypes", multiple=True, default=("f16", "q4_k_m"), show_default=True)
-@click.option("-n", "--n-predict", "--max-tokens", "max_tokens", type=click.IntRange(1), default=96, show_default=True)
+@click.option("-n", "--n-predict", "--max-tokens", "max_tokens", type=click.IntRange(2), default=96, show_default=True,
+              help="tokens per prompt (at least 2: the first comes from the prefill)")
 @click.option("-t", "--threads", type=click.IntRange(1), default=None)
 @click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "n_gpu_layers", type=GpuLayers(), default="auto",
               show_default=True)
@@ -324,6 +354,7 @@ def bench_server(model, prompts, max_tokens, temp, settings, draft_max, concurre
 def demo(outtypes, max_tokens, threads, n_gpu_layers, json_out):
     """Convert the embedded orthrus-tiny and race AR against Orthrus on held-out prompts."""
     from .demo import run_demo
+    _check_outputs(json_out)  # before the run, not after it
     run_demo(outtypes, max_tokens, n_threads=threads, n_gpu_layers=n_gpu_layers, json_out=json_out)
 
 

@@ -12,6 +12,30 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
+def utf8(text, what: str) -> bytes:
+    """A str as UTF-8 (bytes-like passes as is), or an OrthrusError naming `what`: a lone
+    surrogate (from a non-UTF-8 command line, or "\\udcff") has no UTF-8 form."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return bytes(text)
+    if not isinstance(text, str):
+        raise OrthrusError(f"{what} must be a str or bytes, got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise OrthrusError(f"{what} is not valid Unicode: {e.object[e.start:e.end]!r} at character "
+                           f"{e.start} has no UTF-8 form (a lone surrogate: was the input UTF-8?)") from None
+
+
+def utf8_text(data: bytes, what: str) -> str:
+    """UTF-8 bytes (a prompt or grammar file) as text, or an OrthrusError naming `what` and
+    the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OrthrusError(f"{what} is not UTF-8 text: byte {data[e.start]:#04x} at offset {e.start} "
+                           f"({e.reason}); convert it first, e.g. with iconv -t UTF-8") from None
+
+
 class Signalled(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP, raised like Ctrl-C so every cleanup (temporary files, child
     processes) runs on the way out."""

@@ -61,8 +61,8 @@ class OrthrusDraft(LlamaDraftModel):
     def llama(cls, model_path: str, *, block_size: int | str = "auto", exact: bool | str | None = None,
               **llama_kwargs) -> Llama:
         """A llama_cpp.Llama of model_path (any Llama arguments) drafting with OrthrusDraft."""
-        from .convert.info import check_gguf_file
-        path = check_gguf_file(model_path)
+        from .convert.info import preflight
+        path = preflight(model_path)  # a clear error for what llama.cpp would only call "failed to load"
         draft = cls(block_size, exact)
         llm = Llama(model_path=str(path), draft_model=draft, **llama_kwargs)
         try:

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .errors import OrthrusError
+from .errors import OrthrusError, utf8
 
 # status codes of include/llama.h (LLAMA_ORTHRUS_*)
 OK = 0
@@ -251,6 +251,9 @@ def rpc_endpoints(servers) -> list[str]:
     import socket
     if servers is None:
         return []
+    if not isinstance(servers, (str, list, tuple)):
+        raise OrthrusError(f"rpc_servers must be \"host:port,…\" or a list of host:port strings, "
+                           f"got {type(servers).__name__}")
     items = servers.split(",") if isinstance(servers, str) else list(servers)
     out = []
     for ep in items:
@@ -380,10 +383,8 @@ class NativeModel:
         self._lock = threading.RLock()
         self.n = load()
         lc = self.n.llama_cpp
-        path = Path(path)
-        if not path.is_file():
-            raise OrthrusError(f"no GGUF file at {path}")
-        from .convert.info import preflight
+        from .convert.info import check_gguf_file, preflight
+        path = check_gguf_file(path)
         preflight(path)
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers(n_gpu_layers)
@@ -425,6 +426,13 @@ class NativeModel:
             self.close()
             raise
         # None: llama.cpp decides (enabled where the backend supports it)
+        if not (flash_attn is None or isinstance(flash_attn, (bool, np.bool_))):
+            self.close()
+            raise OrthrusError(f"flash_attn must be True, False or None (llama.cpp decides), got {flash_attn!r}")
+        if flash_attn is not None and not flash_attn and cp.type_v not in (kv_type_id("f32"), kv_type_id("f16"), kv_type_id("bf16")):
+            self.close()
+            raise OrthrusError(f"a quantized V cache (type_v={type_v or kv_type!r}) needs flash attention in "
+                               "llama.cpp: set flash_attn to True or None (-fa on|auto), or use an f16 V cache")
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
         # n_outputs_max: the most rows of logits one decode may have (None: n_batch, llama.cpp's
         # default; "block": the GGUF's block, all an Orthrus loop needs). llama.cpp reserves its
@@ -759,10 +767,18 @@ class NativeModel:
 
     # -------------------------------------------------------------- vocabulary
 
+    def token_id(self, token) -> int:
+        """A token id as an int, refused (not wrapped, not a crash in C++) outside the vocabulary."""
+        if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+            raise OrthrusError(f"a token id must be an int, got {type(token).__name__} {token!r:.40}")
+        if not 0 <= token < self.n_vocab:
+            raise OrthrusError(f"token id {token} is outside the vocabulary [0, {self.n_vocab})")
+        return int(token)
+
     @_guarded
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
         """llama_tokenize, as llama_cpp.Llama.tokenize (add_bos: the BOS the GGUF asks for)."""
-        raw = text.encode() if isinstance(text, str) else bytes(text)
+        raw = utf8(text, "the text to tokenize")
         n_max = len(raw) + 8
         buf = (ctypes.c_int32 * n_max)()
         n = self.n.llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_bos, special)
@@ -774,22 +790,26 @@ class NativeModel:
     def token_bytes(self, token: int, special: bool = False) -> bytes:
         """The bytes of one token (special tokens render as text only with special=True)."""
         lc = self.n.llama_cpp
+        token = self.token_id(token)
         buf = ctypes.create_string_buffer(64)
-        n = lc.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, special)
+        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, special)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
     @_guarded
     def detokenize(self, tokens, special: bool = False) -> bytes:
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise OrthrusError(f"detokenize takes a sequence of token ids, got {type(tokens).__name__}")
         return b"".join(self.token_bytes(t, special) for t in tokens)
 
     @_guarded
     def is_eog(self, token: int) -> bool:
         """Whether a token ends generation (EOS, EOT, ...: the GGUF's end-of-generation set)."""
-        hit = self._eog.get(token)
+        hit = self._eog.get(token) if isinstance(token, (int, np.integer)) else None
         if hit is None:
+            token = self.token_id(token)
             hit = self._eog[token] = bool(self.n.llama_cpp.llama_vocab_is_eog(self._vocab, token))
         return hit
 
@@ -824,9 +844,12 @@ class Grammar:
         self._smpl = None
         nm._acquire()  # open, and this thread's
         nm._lock.release()
-        if not isinstance(gbnf, str) or not gbnf.strip():
-            raise OrthrusError("grammar must be a GBNF string (or a llama_cpp.LlamaGrammar)")
-        self._smpl = lc.llama_sampler_init_grammar(nm._vocab, gbnf.encode(), root.encode())
+        if not isinstance(gbnf, str):
+            raise OrthrusError("grammar must be a GBNF string (or a llama_cpp.LlamaGrammar), "
+                               f"got {type(gbnf).__name__}")
+        if not gbnf.strip():
+            raise OrthrusError("the grammar is empty: give GBNF rules, at least `root ::= ...`")
+        self._smpl = lc.llama_sampler_init_grammar(nm._vocab, utf8(gbnf, "the grammar"), root.encode())
         if not self._smpl:
             raise OrthrusError("the grammar does not parse as llama.cpp GBNF "
                                "(ORTHRUS_GGUF_VERBOSE=1 shows llama.cpp's message)")

@@ -37,7 +37,7 @@ def _number(name: str, value, lo: float | None = None, hi: float | None = None,
         want = "a finite number"
     if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer))
             or not math.isfinite(value)):
-        raise OrthrusError(f"{name} must be a finite number {want}, got {value!r}")
+        raise OrthrusError(f"{name} must be a finite number{'' if lo is None else ' ' + want}, got {value!r}")
     if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
         raise OrthrusError(f"{name} must be {want}, got {value!r}")
     return float(value)
@@ -72,7 +72,7 @@ class Sampler:
         bias = self.logit_bias or {}
         if not isinstance(bias, dict):
             raise OrthrusError(f"logit_bias must be a dict of token id to bias, got {type(bias).__name__}")
-        ids = [check_int("a logit_bias token id", int(k) if isinstance(k, str) and k.isdigit() else k, 0)
+        ids = [check_int("a logit_bias token id", int(k) if isinstance(k, str) and k.isdigit() else k, 0, 2**31 - 1)
                for k in bias]
         vals = [float(v) if v == -math.inf else _number(f"logit_bias[{k}]", v) for k, v in bias.items()]
         self._bias = (np.array(ids, dtype=np.int64), np.array(vals, dtype=np.float64))

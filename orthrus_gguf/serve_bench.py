@@ -19,8 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import OrthrusError
-from .serve import Server, check_extra, free_port, server_command, server_env
+from .errors import OrthrusError, check_int
+from .serve import (ORTHRUS_ARCH, Server, check_draft_max, check_extra, free_port, model_block_size,
+                    server_command, server_env)
 
 # name -> server_command keywords
 SETTINGS = {
@@ -78,6 +79,16 @@ def run_server_bench(model: str | Path, prompts: dict[str, list[str]], max_token
     check_extra(extra)
     if not prompts or not any(prompts.values()):
         raise OrthrusError("no prompts to run")
+    # everything a later server would refuse, refused before the first one runs
+    max_tokens = check_int("max_tokens (-n)", max_tokens, 1)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise OrthrusError(f"temperature (--temp) must be a finite number >= 0, got {temperature!r}")
+    block = model_block_size(model)
+    if block < 2 and any(SETTINGS[s].get("drafting", True) for s in settings):
+        raise OrthrusError(f"{model} is not an {ORTHRUS_ARCH} GGUF: every drafting setting would run "
+                           "with drafting off, and the ratios would be noise (convert an Orthrus checkpoint)")
+    if draft_max not in (None, "auto", "off"):
+        check_draft_max(draft_max, block)
     if "off" not in settings:
         settings = ("off", *settings)  # the baseline of every ratio
     report = {"model": Path(model).name, "max_tokens": max_tokens, "temperature": temperature,

@@ -268,13 +268,46 @@ def test_fuzz_api_arguments_never_escape_as_anything_but_orthrus_error(path):
                 attempt(f"{k}={v!r}", lambda: m.generate("ab", **{"max_tokens": 2} | {k: v}))
         for v in HOSTILE + [[-1], [2**40], [0.5], b"\xff\xfe", 5]:
             attempt(f"prompt={v!r}", lambda: m.generate(v, max_tokens=2))
-        for v in HOSTILE + [[{"role": 1}], [{"content": "x"}], [{"role": "user", "content": 5}], "hi"]:
+        for v in HOSTILE + [[{"role": 1}], [{"content": "x"}], [{"role": "user", "content": 5}], "hi",
+                            [{"role": "user"}], [{"role": "user", "content": "\udcff"}]]:
             attempt(f"messages={v!r}", lambda: m.create_chat_completion(v, max_tokens=2))
+        # text that has no UTF-8 form, token ids outside the vocabulary or not ints at all (an
+        # id out of range used to abort the process inside llama.cpp's C++)
+        for v in HOSTILE + [99999, -1, 2**40, "\udcff", [1.5], [True], 5]:
+            for call in ("tokenize", "detokenize", "token_bytes", "is_eog"):
+                attempt(f"{call}({v!r})", lambda: getattr(m, call)(v))
+            attempt(f"detokenize([{v!r}])", lambda: m.detokenize([v]))
+        for k, v in (("prompt", "\udcff"), ("grammar", "\udcff"), ("logit_bias", {2**70: 1.0})):
+            attempt(f"{k}={v!r}", lambda: m.generate(**{"prompt": "ab", "max_tokens": 2} | {k: v}))
+        for v in HOSTILE:  # mode="ar" checks its block size too
+            attempt(f"mode='ar', block_size={v!r}", lambda: m.generate("ab", max_tokens=2, mode="ar", block_size=v))
         assert m.generate("ab", max_tokens=4).tokens  # still usable after all of it
-    for k in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "block_size", "exact", "type_k", "seed"):
+    for k in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "block_size", "exact", "type_k", "seed",
+              "flash_attn", "rpc_servers", "verbose", "backend_sampling"):
         for v in HOSTILE:
+            if k == "verbose" and v is True:
+                continue  # valid, and it would leave llama.cpp's log on for the other tests
             attempt(f"Orthrus({k}={v!r})", lambda: Orthrus(path, **{"n_ctx": 256} | {k: v}).close())
+    for v in HOSTILE + [b"/x.gguf", path.parent]:  # the model path itself
+        attempt(f"Orthrus({v!r})", lambda: Orthrus(v, n_ctx=256).close())
     assert not escaped, "\n".join(escaped)
+    # and the errors say what is wrong
+    with Orthrus(path, n_ctx=256, n_threads=1) as m:
+        for call, msg in ((lambda: m.detokenize([99999]), r"token id 99999 is outside the vocabulary \[0, "),
+                          (lambda: m.token_bytes(True), "a token id must be an int, got bool"),
+                          (lambda: m.tokenize("a\udcffb"), "the text to tokenize is not valid Unicode: '\\\\udcff' at character 1"),
+                          (lambda: m.generate([1, 2.5], max_tokens=2), "a token id must be an int, got float"),
+                          (lambda: m.generate("ab", max_tokens=2, mode="ar", block_size=0), r"block_size must be an integer in \[2, "),
+                          (lambda: m.create_chat_completion([{"role": "user"}]), "messages must be a list of")):
+            with pytest.raises(OrthrusError, match=msg):
+                call()
+    for kw, msg in ((dict(flash_attn="yes"), "flash_attn must be True, False or None"),
+                    (dict(flash_attn=False, type_v="q4_0"), "a quantized V cache .* needs flash attention"),
+                    (dict(rpc_servers=5), "rpc_servers must be"), (dict(verbose="no"), "verbose must be True or False")):
+        with pytest.raises(OrthrusError, match=msg):
+            Orthrus(path, n_ctx=256, **kw)
+    with pytest.raises(OrthrusError, match="is a directory, not a GGUF file"):
+        Orthrus(path.parent)
 
 
 @pytest.mark.parametrize("outtype", ["f16", "q4_k_m"])
@@ -386,3 +419,50 @@ def test_an_empty_stop_string_stops_nothing(path):
         for stop in ("", [""], ["", "\u2603never"]):
             r = m.generate("def f(x):", max_tokens=12, stop=stop)
             assert r.text == full.text and r.finish_reason == full.finish_reason
+
+
+def test_cli_text_outputs_and_counts_are_checked_before_the_work(tmp_path, tiny_gguf):
+    """What the CLI used to answer with a traceback: a prompt, grammar or prompts file that is
+    not UTF-8, a command line that is not (a lone surrogate), a plot suffix matplotlib cannot
+    write and a report in a folder that does not exist (found after the whole run), -n 1 (a
+    division by zero), a full stdout; and bench-server runs a baseline before refusing -n 0,
+    a bad --draft-max or a GGUF without the diffusion view. Each is exit 2 (1 for the full
+    stdout) with a one-line message, before any model work."""
+    import os
+    import subprocess
+    import sys
+    from test_native import plain_qwen3_copy
+    gguf = tiny_gguf("f32", tied=False)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x80abc")
+
+    def cli(*args, stdout=subprocess.PIPE):
+        r = subprocess.run([sys.executable.encode(), b"-m", b"orthrus_gguf.cli",
+                            *(a if isinstance(a, bytes) else str(a).encode() for a in args)],
+                           stdout=stdout, stderr=subprocess.PIPE, timeout=300)
+        err = r.stderr.decode(errors="replace")
+        assert "Traceback" not in err, err[-3000:]
+        return r.returncode, err
+    cases = [
+        (("generate", "-m", gguf, "-f", binary), 2, f"the prompt file {binary} is not UTF-8 text: byte 0xff at offset 0"),
+        (("generate", "-m", gguf, "-p", "x", "--grammar-file", binary), 2, "the grammar file"),
+        (("generate", "-m", gguf, "-p", b"a\xffb"), 2, "is not valid Unicode"),
+        (("bench", "-m", gguf, "--prompts", binary), 2, "is not UTF-8 text"),
+        (("bench", "-m", gguf, "-n", 1), 2, "1 is not in the range x>=2"),
+        (("bench", "-m", gguf, "--plot", tmp_path / "x.txt"), 2, "a plot needs an image suffix"),
+        (("bench", "-m", gguf, "--json", tmp_path), 2, "is a directory: name a file to write"),
+        (("demo", "--json", tmp_path / "no" / "d.json"), 2, "cannot write there"),
+        (("demo", "-n", 1), 2, "1 is not in the range x>=2"),
+        (("bench-server", "-m", gguf, "-n", 0), 2, "max_tokens (-n) must be an integer >= 1"),
+        (("bench-server", "-m", gguf, "--temp", "nan"), 2, "temperature (--temp) must be a finite number >= 0"),
+        (("bench-server", "-m", gguf, "--draft-max", 99), 2, "--draft-max must be in [1, "),
+        (("bench-server", "-m", plain_qwen3_copy(gguf, tmp_path / "plain.gguf")), 2, "is not an orthrus-qwen3 GGUF"),
+    ]
+    for args, rc, msg in cases:
+        got_rc, err = cli(*args)
+        assert (got_rc, msg in err) == (rc, True), (args, got_rc, err[-1500:])
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "no").exists()
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "wb") as full:
+            got_rc, err = cli("generate", "-m", gguf, "-p", "def f", "-n", 8, "--mode", "ar", stdout=full)
+        assert got_rc == 1 and "cannot write the output: No space left on device" in err, err
