@@ -101,7 +101,7 @@ def int_or(value, words=("auto",), param_hint=None):
     if value is None or value in words:
         return value
     if not value.isdigit():
-        *head, last = ("an integer", *(f"'{w}'" for w in words))
+        *head, last = ("a non-negative integer", *(f"'{w}'" for w in words))
         raise click.BadParameter(f"expected {', '.join(head)} or {last}, got {value!r}", param_hint=param_hint)
     return int(value)
 
@@ -232,7 +232,7 @@ def generate(model, prompt, prompt_file, chat, system_prompt, max_tokens, temp, 
         for piece in m.steps(prompt, max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                              repeat_penalty=repeat_penalty, penalty_last_n=repeat_last_n,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                             seed=seed, grammar=grammar, mode=mode, block_size=int_or(block_size)):
+                             seed=seed, grammar=grammar, mode=mode, block_size=int_or(block_size, param_hint="'--block-size'")):
             click.echo(piece.text, nl=False)
             stats.add(piece.step)
         click.echo()
@@ -280,7 +280,8 @@ def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot,
             with open(json_out, "w") as f:
                 json.dump(rep, f, indent=2)
         return
-    blocks = list(dict.fromkeys(int_or(b) for b in block_sizes)) if block_sizes else [None, "auto"]
+    blocks = (list(dict.fromkeys(int_or(b, param_hint="'--block-size'") for b in block_sizes)) if block_sizes
+              else [None, "auto"])
     rep = run_bench(model, load_prompts(prompts), max_tokens, blocks, chat=chat, costs=costs,
                     graph_slots=graph_slots, progress=say, **mk)
     if output == "json":
@@ -334,7 +335,7 @@ def bench_server(model, prompts, max_tokens, temp, settings, draft_max, concurre
         raise OrthrusError(f"{model}: no such file")
     _check_outputs(json_out, plot)  # before the run, not after it
     rep = run_server_bench(model, load_prompts(prompts), max_tokens, temp, settings,
-                           int_or(draft_max), extra, progress=click.echo, concurrency=concurrency)
+                           int_or(draft_max, param_hint="'--draft-max'"), extra, progress=click.echo, concurrency=concurrency)
     click.echo(format_server_report(rep))
     if json_out:
         with open(json_out, "w") as f:

@@ -213,7 +213,7 @@ def _serve(*args, timeout=60):
     (["--port", "99999"], "99999 is not in the range"),
     (["--port", "0"], "0 is not in the range"),
     (["-md", "draft.gguf"], "there is no draft model"),
-    (["--draft-max", "lots"], "expected an integer, 'auto' or 'off'"),
+    (["--draft-max", "lots"], "expected a non-negative integer, 'auto' or 'off'"),
     (["--", "--port", "9000"], "--port after -- would fight serve's own setting: use serve's --port"),
     (["--", "--spec-type", "none"], "use serve's --draft-max off|N|auto"),
     (["--", "-md", "x.gguf"], "there is no draft model"),
