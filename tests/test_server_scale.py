@@ -88,6 +88,30 @@ def test_auto_length_per_slot_with_batched_drafting(gguf, off4, tmp_path_factory
     assert "auto: measured width:draft/verify ms" in on.log_path.read_text(errors="replace")
 
 
+def test_auto_length_calibrates_later_when_the_first_request_ends_the_context(gguf, tmp_path_factory, request):
+    """The first drafted request sits where the widest calibration pass (a block of 8) does not
+    fit before the end of its slot's context: it takes plain steps and leaves the timing to the
+    next request, which calibrates. (Auto used to log 'calibration failed' there and draft the
+    full length for the rest of the server's life.) Both answers equal a drafting-off server's."""
+    import urllib.request
+    extra = tuple("256" if x == "2048" else x for x in EXACT)
+    on = start(tmp_path_factory, gguf, request, extra=extra, n_parallel=1, draft_max="auto")
+    off = start(tmp_path_factory, gguf, request, extra=extra, n_parallel=1, drafting=False)
+    with urllib.request.urlopen(on.url + "/props", timeout=30) as r:
+        n_ctx = json.loads(r.read())["default_generation_settings"]["n_ctx"]
+    _, tok = post(on, "/tokenize", dict(content=" ".join(PROMPTS) * 40))
+    ids = tok["tokens"][: n_ctx - 6]
+    assert len(ids) == n_ctx - 6
+    near_end = dict(prompt=ids, n_predict=4, temperature=0, cache_prompt=False)
+    short = dict(prompt=PROMPTS[0], n_predict=24, temperature=0, cache_prompt=False)
+    for body in (near_end, short):
+        got, want = post(on, "/completion", body), post(off, "/completion", body)
+        assert got[0] == want[0] == 200 and got[1]["content"] == want[1]["content"], (got, want)
+    log = on.log_path.read_text(errors="replace")
+    assert "calibration failed" not in log
+    assert "auto: measured width:draft/verify ms" in log
+
+
 def test_per_slot_flag_drafts_each_slot_alone(gguf, off4, tmp_path_factory, request):
     """--spec-orthrus-per-slot (the path before batched drafting, kept to measure against):
     one forward per slot draft, the same texts."""

@@ -234,6 +234,9 @@ common_orthrus_drafter * common_orthrus_init(llama_context * ctx, const common_p
     d->n_min = std::max(0, params.draft.n_min);
     d->p_min = params.draft.p_min;
     d->seqs.resize(n_seq);
+    if (d->n_min > n_max) {
+        ORT_WRN("--spec-draft-n-min %d is above the draft length %d: no step will draft\n", d->n_min, n_max);
+    }
     d->scratch.assign(llama_vocab_n_tokens(llama_model_get_vocab(model)), 0.0f);
     return d;
 }
@@ -353,6 +356,9 @@ static int32_t orthrus_block_of(common_orthrus_drafter * d, const common_orthrus
         return block;
     }
     if (d->cost_draft.empty()) {
+        if ((int64_t) r.pos0 + d->n_max + 1 > (int64_t) llama_n_ctx_seq(d->ctx)) {
+            return 0; // no room after this position for the widest pass: a plain step, calibrate later
+        }
         orthrus_calibrate(d, r.seq, r.id_last, r.pos0);
         if (d->cost_draft.empty()) {
             ORT_WRN("%s", "auto: calibration failed, drafting the full length\n");
