@@ -334,10 +334,10 @@ def _configure(tree: Path, build: Path, backend: str, progress: bool) -> None:
         # a toolkit without cuBLAS or libcuda (pip-assembled): fill in what is missing, once
         flags, missing = cuda_completion(_cmake_cache(build), _search_dirs(), _driver_library(),
                                          build.parent.parent / "cuda-overlay")
-        if missing or not flags:
-            if missing:
-                raise OrthrusError("cannot configure the CUDA backend: missing " + "; ".join(missing)
-                                   + f"; full log: {log}") from None
+        if missing:
+            raise OrthrusError("cannot configure the CUDA backend: missing " + "; ".join(missing)
+                               + f"; full log: {log}") from None
+        if not flags:
             raise
         _say(progress, "the CUDA toolkit lacks cuBLAS or libcuda; configuring again with " + " ".join(flags))
         _run_logged(cmd + flags, log, _env(tree), progress=False)

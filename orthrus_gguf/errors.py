@@ -12,6 +12,27 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
+def check_number(name: str, value, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> float:
+    """A finite real argument (not a bool) >= lo (> lo if lo_open, and <= hi), or an
+    OrthrusError naming it."""
+    import math
+
+    import numpy as np
+    if lo is not None and hi is not None:
+        want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    elif lo is not None:
+        want = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        want = "a finite number"
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer))
+            or not math.isfinite(value)):
+        raise OrthrusError(f"{name} must be a finite number{'' if lo is None else ' ' + want}, got {value!r}")
+    if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
+        raise OrthrusError(f"{name} must be {want}, got {value!r}")
+    return float(value)
+
+
 def utf8(text, what: str) -> bytes:
     """A str as UTF-8 (bytes-like passes as is), or an OrthrusError naming `what`: a lone
     surrogate (from a non-UTF-8 command line, or "\\udcff") has no UTF-8 form."""

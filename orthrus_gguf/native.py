@@ -383,9 +383,8 @@ class NativeModel:
         self._lock = threading.RLock()
         self.n = load()
         lc = self.n.llama_cpp
-        from .convert.info import check_gguf_file, preflight
-        path = check_gguf_file(path)
-        preflight(path)
+        from .convert.info import preflight
+        path = preflight(path)  # the file checks (check_gguf_file), then what llama.cpp would abort on
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers(n_gpu_layers)
         # RPC servers: llama.cpp's way to put layers on other machines (they count as GPUs)

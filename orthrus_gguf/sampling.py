@@ -19,28 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import OrthrusError, check_int
+from .errors import OrthrusError, check_int, check_number
 
 # llama.cpp's defaults (common_params_sampling; the same in Llama.create_completion)
 DEFAULTS = dict(top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, frequency_penalty=0.0,
                 presence_penalty=0.0, penalty_last_n=64)
 RULES = ("speculative", "match")
-
-
-def _number(name: str, value, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False) -> float:
-    if lo is not None and hi is not None:
-        want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
-    elif lo is not None:
-        want = f"{'>' if lo_open else '>='} {lo:g}"
-    else:
-        want = "a finite number"
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer))
-            or not math.isfinite(value)):
-        raise OrthrusError(f"{name} must be a finite number{'' if lo is None else ' ' + want}, got {value!r}")
-    if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
-        raise OrthrusError(f"{name} must be {want}, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -61,20 +45,20 @@ class Sampler:
     def __post_init__(self):
         if self.rule not in RULES:
             raise OrthrusError(f"rule must be 'speculative' or 'match', got {self.rule!r}")
-        self.temperature = _number("temperature", self.temperature, 0.0)
+        self.temperature = check_number("temperature", self.temperature, 0.0)
         self.top_k = check_int("top_k", self.top_k, 0)
-        self.top_p = _number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        self.min_p = _number("min_p", self.min_p, 0.0, 1.0)
-        self.repeat_penalty = _number("repeat_penalty", self.repeat_penalty, 0.0, lo_open=True)
-        self.frequency_penalty = _number("frequency_penalty", self.frequency_penalty)
-        self.presence_penalty = _number("presence_penalty", self.presence_penalty)
+        self.top_p = check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        self.min_p = check_number("min_p", self.min_p, 0.0, 1.0)
+        self.repeat_penalty = check_number("repeat_penalty", self.repeat_penalty, 0.0, lo_open=True)
+        self.frequency_penalty = check_number("frequency_penalty", self.frequency_penalty)
+        self.presence_penalty = check_number("presence_penalty", self.presence_penalty)
         self.penalty_last_n = check_int("penalty_last_n", self.penalty_last_n, -1)
         bias = self.logit_bias or {}
         if not isinstance(bias, dict):
             raise OrthrusError(f"logit_bias must be a dict of token id to bias, got {type(bias).__name__}")
         ids = [check_int("a logit_bias token id", int(k) if isinstance(k, str) and k.isdigit() else k, 0, 2**31 - 1)
                for k in bias]
-        vals = [float(v) if v == -math.inf else _number(f"logit_bias[{k}]", v) for k, v in bias.items()]
+        vals = [float(v) if v == -math.inf else check_number(f"logit_bias[{k}]", v) for k, v in bias.items()]
         self._bias = (np.array(ids, dtype=np.int64), np.array(vals, dtype=np.float64))
         if self.seed is not None:
             self.rng = np.random.default_rng(check_int("seed", self.seed, 0))

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import OrthrusError, check_int
+from .errors import OrthrusError, check_int, check_number
 from .serve import (ORTHRUS_ARCH, Server, check_draft_max, check_extra, free_port, model_block_size,
                     server_command, server_env)
 
@@ -81,8 +81,7 @@ def run_server_bench(model: str | Path, prompts: dict[str, list[str]], max_token
         raise OrthrusError("no prompts to run")
     # everything a later server would refuse, refused before the first one runs
     max_tokens = check_int("max_tokens (-n)", max_tokens, 1)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
-        raise OrthrusError(f"temperature (--temp) must be a finite number >= 0, got {temperature!r}")
+    temperature = check_number("temperature (--temp)", temperature, 0.0)
     block = model_block_size(model)
     if block < 2 and any(SETTINGS[s].get("drafting", True) for s in settings):
         raise OrthrusError(f"{model} is not an {ORTHRUS_ARCH} GGUF: every drafting setting would run "
