@@ -53,6 +53,7 @@ BACKENDS = {
 # bump when the recipe below changes in a way the inputs do not show
 RECIPE = 1
 MARKER = ".done"
+INFO = "build-info.json"  # what a finished build was made from, beside its libraries
 
 
 # ------------------------------------------------------------------ locations
@@ -158,6 +159,13 @@ def library_dir(backend: str | None = None) -> Path | None:
         if (d / MARKER).is_file():
             return d
     return None
+
+
+def build_info(lib_dir: str | Path) -> dict | None:
+    """The build-info.json of a finished build in lib_dir, or None where there is none (a build
+    dir given by ORTHRUS_GGUF_LIB_DIR)."""
+    info = Path(lib_dir) / INFO
+    return json.loads(info.read_text()) if info.is_file() else None
 
 
 def binary(name: str, needed_for: str) -> Path:
@@ -570,7 +578,7 @@ def build(backend: str = "cpu", jobs: int | None = None, force: bool = False,
                 "native": [rel for _, rel in native_files(root)],
                 "cmake_flags": list(backend_flags(backend)),
                 "seconds": round(time.monotonic() - t0, 1)}
-        (staging / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+        (staging / INFO).write_text(json.dumps(info, indent=2) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)

@@ -7,29 +7,19 @@ both of its forwards every step, where upstream's single graph reused none.
 ORTHRUS_TEST_GPU_LAYERS=-1 (the device check) runs them offloaded: the kept graphs are for
 the GPU, where each kind keeps its own CUDA graph.
 """
-import json
-
 import numpy as np
 import pytest
 
+from orthrus_gguf import native
 from orthrus_gguf.api import Orthrus
-from orthrus_gguf.build import library_dir
+from orthrus_gguf.build import build_info
 from orthrus_gguf.native import NativeModel
 from test_native import GPU_LAYERS
-
-
-def library_backend() -> str | None:
-    """The backend the loaded llama.cpp build was made for (its build-info.json), if known."""
-    try:
-        return json.loads((library_dir() / "build-info.json").read_text())["backend"]
-    except (TypeError, OSError, ValueError, KeyError):
-        return None
-
 
 # Offloaded to Vulkan, a context keeps no graphs unless asked (a crash with several schedulers,
 # see native/src/llama-orthrus-graphs.cpp): these tests are about kept graphs. CPU runs (CI)
 # never skip them.
-if GPU_LAYERS and library_backend() == "vulkan":
+if GPU_LAYERS and (build_info(native.load().lib_dir) or {}).get("backend") == "vulkan":
     pytest.skip("kept graphs start off on Vulkan", allow_module_level=True)
 
 BLOCK = 8

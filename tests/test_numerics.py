@@ -72,9 +72,9 @@ print("RESULT " + json.dumps(out))
 def build_has_use_ref_patch() -> bool:
     """Whether the loaded build carries patch 0005-ggml-cpu-use-ref-batch-invariant."""
     from orthrus_gguf import build, native
-    info = Path(native.load().lib_dir) / "build-info.json"
-    if info.is_file():
-        names = json.loads(info.read_text()).get("patches", [])
+    info = build.build_info(native.load().lib_dir)
+    if info is not None:
+        names = info.get("patches", [])
     else:  # a build dir given by ORTHRUS_GGUF_LIB_DIR: trust the series of this checkout
         names = [p.name for p in build.patch_files()]
     return any("use-ref-batch-invariant" in n for n in names)
