@@ -375,7 +375,7 @@ class NativeModel:
                  flash_attn: bool | None = None, seq: int = 0, repack: bool = True,
                  exact: bool | str = False, rpc_servers: str | list[str] | None = None,
                  n_seq_max: int = 1, kv_unified: bool = False, backend_sampling: bool | None = None,
-                 n_outputs_max: int | str | None = None):
+                 n_outputs_max: int | str | None = None, op_offload: bool | None = None):
         self._ctx = self._model = None
         self._batch = None
         self._chain = None  # the greedy sampler chain attached for backend sampling, if any
@@ -433,6 +433,14 @@ class NativeModel:
             raise OrthrusError(f"a quantized V cache (type_v={type_v or kv_type!r}) needs flash attention in "
                                "llama.cpp: set flash_attn to True or None (-fa on|auto), or use an f16 V cache")
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
+        # op_offload: llama.cpp's (None: its default, on), which computes the products of
+        # CPU-resident layers on a GPU for batches of >= 32 rows; an exact mode turns it off
+        # while it is on (patch 0008: the GPU's kernels are not batch-invariant)
+        if not (op_offload is None or isinstance(op_offload, (bool, np.bool_))):
+            self.close()
+            raise OrthrusError(f"op_offload must be True, False or None (llama.cpp's default), got {op_offload!r}")
+        if op_offload is not None:
+            cp.op_offload = bool(op_offload)
         # n_outputs_max: the most rows of logits one decode may have (None: n_batch, llama.cpp's
         # default; "block": the GGUF's block, all an Orthrus loop needs). llama.cpp reserves its
         # compute buffers for a batch whose every row has logits: n_ubatch x n_vocab floats,

@@ -116,6 +116,11 @@ def server_command(model: str | Path, host: str = "127.0.0.1", port: int = 8080,
         if per_slot:
             cmd += ["--spec-orthrus-per-slot"]
             note += "; one diffusion forward per slot (the old path)"
+    if exact_kernels():
+        # the exact CPU kernels must also compute every op of a CPU layer: op offload would
+        # send batches of >= 32 rows to a GPU's kernels, which are not batch-invariant (a
+        # later --op-offload in extra wins)
+        cmd += ["--no-op-offload"]
     return cmd + [str(a) for a in extra], note
 
 
@@ -258,11 +263,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def exact_kernels(env=None) -> bool:
+    """Whether llama-server runs on the batch-invariant CPU kernels: yes unless the environment
+    has GGML_CPU_USE_REF=0 (server_env's default)."""
+    return (os.environ if env is None else env).get("GGML_CPU_USE_REF", "1") != "0"
+
+
 def server_env() -> dict:
     """As in the Python API: batch-invariant CPU kernels, so greedy drafting is token-identical
     to plain decoding (docs/NUMERICS.md); GGML_CPU_USE_REF=0 in the environment opts out."""
     env = dict(os.environ)
-    env.setdefault("GGML_CPU_USE_REF", "1")
+    env["GGML_CPU_USE_REF"] = "1" if exact_kernels(env) else "0"
     return with_cpu_defaults(env)
 
 

@@ -306,6 +306,9 @@ def test_fuzz_api_arguments_never_escape_as_anything_but_orthrus_error(path):
                     (dict(rpc_servers=5), "rpc_servers must be"), (dict(verbose="no"), "verbose must be True or False")):
         with pytest.raises(OrthrusError, match=msg):
             Orthrus(path, n_ctx=256, **kw)
+    from orthrus_gguf.native import NativeModel
+    with pytest.raises(OrthrusError, match="op_offload must be True, False or None"):
+        NativeModel(path, n_ctx=256, op_offload="no")
     with pytest.raises(OrthrusError, match="is a directory, not a GGUF file"):
         Orthrus(path.parent)
 

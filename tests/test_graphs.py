@@ -16,11 +16,11 @@ from orthrus_gguf.build import build_info
 from orthrus_gguf.native import NativeModel
 from test_native import GPU_LAYERS
 
-# Offloaded to Vulkan, a context keeps no graphs unless asked (a crash with several schedulers,
-# see native/src/llama-orthrus-graphs.cpp): these tests are about kept graphs. CPU runs (CI)
-# never skip them.
-if GPU_LAYERS and (build_info(native.load().lib_dir) or {}).get("backend") == "vulkan":
-    pytest.skip("kept graphs start off on Vulkan", allow_module_level=True)
+# On a Vulkan build a context keeps no graphs unless asked, offloaded or not (a crash with
+# several schedulers, see native/src/llama-orthrus-graphs.cpp): the tests of kept graphs skip
+# there. CPU runs (CI) never skip them.
+kept_graphs = pytest.mark.skipif((build_info(native.load().lib_dir) or {}).get("backend") == "vulkan",
+                                 reason="kept graphs start off on Vulkan")
 
 BLOCK = 8
 # a short prompt and 120 tokens stay inside one 256-cell KV view: no step grows it
@@ -38,6 +38,7 @@ def model_path(tiny_gguf):
     return tiny_gguf("f32", tied=False)
 
 
+@kept_graphs
 def test_steady_loop_reuses_both_graphs_every_step(model_path):
     with Orthrus(model_path, n_ctx=512, n_threads=2, block_size=BLOCK, n_gpu_layers=GPU_LAYERS) as m:
         kept = m.generate(PROMPT, max_tokens=120)
@@ -52,6 +53,7 @@ def test_steady_loop_reuses_both_graphs_every_step(model_path):
     assert sum(steady_steps(single)) == 0  # without kept graphs nothing is reused: the count has power
 
 
+@kept_graphs
 def test_kept_graphs_give_bit_identical_logits(model_path):
     """A reused graph computes what a rebuilt one does: draft and verify rows bit for bit."""
     def rows(slots):
@@ -75,6 +77,7 @@ def test_kept_graphs_give_bit_identical_logits(model_path):
     assert n_slots == 7 and nbytes > 0 and (n0, b0) == (0, 0)
 
 
+@kept_graphs
 def test_least_recently_used_kinds_are_dropped(model_path):
     with NativeModel(model_path, n_ctx=512, n_batch=128, n_threads=2, n_gpu_layers=GPU_LAYERS) as nm:
         nm.set_graph_slots(3)
@@ -97,11 +100,13 @@ def test_exact_mode_prefills_on_the_fast_kernels(model_path, monkeypatch):
     context whose every forward runs on the batch-invariant kernels (GGML_CPU_USE_REF=1, what
     exact mode used to do; 100 tokens take the tiled flash attention on the fast path, 3e-4
     apart here), which shows the comparison can fail. About the CPU kernels: on the CPU also
-    on a GPU machine."""
+    on a GPU machine, where op offload (off under exact) would take the 100-token products
+    to the GPU's kernels."""
     prompt = np.arange(100, dtype=np.int32) * 7 % 250 + 3
 
     def prefill_logits(exact):
-        with NativeModel(model_path, n_ctx=256, n_batch=128, n_threads=1, exact=exact) as nm:
+        with NativeModel(model_path, n_ctx=256, n_batch=128, n_threads=1, exact=exact,
+                         op_offload=False) as nm:
             nm.prefill(prompt)
             return nm.logits(1)[0].copy()
     exact, fast = prefill_logits(True), prefill_logits(False)
@@ -109,6 +114,25 @@ def test_exact_mode_prefills_on_the_fast_kernels(model_path, monkeypatch):
     everything_ref = prefill_logits(False)
     assert np.array_equal(exact, fast)
     assert not np.array_equal(exact, everything_ref)
+
+
+def test_exact_verify_of_a_full_block_stays_on_the_cpu(model_path):
+    """A verify of 32 tokens under exact="verify", every layer on the CPU, gives bit for bit the
+    logits of 32 one-token forwards. On a build with a GPU backend this needs llama.cpp's op
+    offload off: it sends the products of CPU-resident weights in batches of >= 32 rows
+    (GGML_OP_OFFLOAD_MIN_BATCH) to the GPU's kernels, which are not batch-invariant."""
+    prompt = np.arange(30, dtype=np.int32) * 7 % 250 + 3
+    toks = np.arange(32, dtype=np.int32) * 13 % 250 + 40
+    with NativeModel(model_path, n_ctx=256, n_batch=64, n_threads=2, exact="verify") as nm:
+        nm.prefill(prompt)
+        nm.verify(toks, 30)
+        batch = nm.logits(32).copy()
+        nm.seq_rm(30)
+        singles = []
+        for i, t in enumerate(toks):
+            nm.decode_ar([int(t)], 30 + i)
+            singles.append(nm.logits(1)[0].copy())
+    assert np.array_equal(batch, np.array(singles))
 
 
 def test_random_speed_model_loads_and_decodes(tmp_path):

@@ -218,6 +218,17 @@ def test_slot_count_defaults_to_llama_servers_own(gguf):
     assert r.returncode == 2 and "--draft-max must be in [1, 7]" in r.stderr, r.stderr
 
 
+def test_exact_kernels_turn_op_offload_off(gguf, monkeypatch):
+    """With the exact CPU kernels (serve's default) llama-server gets --no-op-offload, which
+    keeps a 32-token verify of CPU layers off a GPU's kernels; GGML_CPU_USE_REF=0 drops both."""
+    monkeypatch.delenv("GGML_CPU_USE_REF", raising=False)
+    assert "--no-op-offload" in server_command(gguf, port=1)[0]
+    assert server_env()["GGML_CPU_USE_REF"] == "1"
+    monkeypatch.setenv("GGML_CPU_USE_REF", "0")
+    assert "--no-op-offload" not in server_command(gguf, port=1)[0]
+    assert server_env()["GGML_CPU_USE_REF"] == "0"
+
+
 def test_draft_max_off_serves_without_drafting(gguf, off4, tmp_path_factory, request):
     cmd, note = server_command(gguf, port=1, draft_max="off")
     assert "--spec-type" not in cmd and "drafting off (--draft-max off)" in note

@@ -32,9 +32,28 @@ int32_t llama_context::get_orthrus_n_outputs() const {
 // EXACT_ALL keeps the reference mode on between forwards (and leaving it turns it off);
 // EXACT_VERIFY switches it on around each verify only. Otherwise the mode stays as the
 // backend started (GGML_CPU_USE_REF).
+//
+// Exact forwards must also keep every op of a CPU-resident layer on the CPU: llama.cpp's op
+// offload sends the products of CPU-resident weights in batches of >= 32 rows
+// (GGML_OP_OFFLOAD_MIN_BATCH) to a GPU or RPC backend, whose kernels are not batch-invariant,
+// so a 32-token verify would not match its one-token forwards. An exact mode turns op offload
+// off and "off" gives back the context's own setting; the next decode re-reserves the
+// scheduler (and drops the kept graphs) when that changes it.
 void llama_context::set_orthrus_exact(int32_t mode) {
     if (mode == LLAMA_ORTHRUS_EXACT_ALL || orthrus_exact == LLAMA_ORTHRUS_EXACT_ALL) {
         orthrus_cpu_use_ref(mode == LLAMA_ORTHRUS_EXACT_ALL);
+    }
+    const bool was_off = orthrus_exact == LLAMA_ORTHRUS_EXACT_OFF;
+    const bool off     = mode == LLAMA_ORTHRUS_EXACT_OFF;
+    if (was_off != off && backend_ptrs.size() > 1) { // only the CPU: nothing to offload to
+        if (was_off) {
+            orthrus_op_offload = cparams.op_offload;
+        }
+        const bool op_offload = off && orthrus_op_offload;
+        if (cparams.op_offload != op_offload) {
+            cparams.op_offload = op_offload;
+            sched_need_reserve = true;
+        }
     }
     orthrus_exact = mode;
 }
