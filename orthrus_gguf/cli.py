@@ -258,7 +258,7 @@ def generate(model, prompt, prompt_file, chat, system_prompt, max_tokens, temp, 
 @click.option("--costs", is_flag=True,
               help="also the forward cost table by width (draft, verify, alternating vs back to back) and prefill speed")
 @click.option("--graph-slots", type=click.IntRange(0, 256), default=None,
-              help="kinds of batch with a kept graph (default 16, on Vulkan 0; 0: llama.cpp's single graph)")
+              help="kinds of batch with a kept graph (default 16; 0: llama.cpp's single graph)")
 @click.option("--prefix-cache", is_flag=True,
               help="instead: how often a call on a reused prefix equals a fresh call, per exact mode")
 def bench(model, prompts, max_tokens, block_sizes, chat, output, json_out, plot, costs, graph_slots,

@@ -21,7 +21,7 @@ from orthrus_gguf.api import Orthrus
 from orthrus_gguf.errors import OrthrusError
 from orthrus_gguf.native import NativeModel
 from test_decode import PROMPTS, Q4_MODEL
-from test_graphs import BLOCK, PROMPT, kept_graphs, steady_steps
+from test_graphs import BLOCK, PROMPT, steady_steps
 from test_native import GPU_LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,6 @@ def test_greedy_orthrus_is_token_identical_to_ar_with_backend_sampling(tiny_gguf
             assert not host.native.backend_sampling
 
 
-@kept_graphs
 def test_steady_loop_still_reuses_both_graphs(model_path):
     with Orthrus(model_path, n_ctx=512, n_threads=2, block_size=BLOCK, n_gpu_layers=GPU_LAYERS,
                  backend_sampling=True) as m:

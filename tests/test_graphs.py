@@ -10,17 +10,9 @@ the GPU, where each kind keeps its own CUDA graph.
 import numpy as np
 import pytest
 
-from orthrus_gguf import native
 from orthrus_gguf.api import Orthrus
-from orthrus_gguf.build import build_info
 from orthrus_gguf.native import NativeModel
 from test_native import GPU_LAYERS
-
-# On a Vulkan build a context keeps no graphs unless asked, offloaded or not (a crash with
-# several schedulers, see native/src/llama-orthrus-graphs.cpp): the tests of kept graphs skip
-# there. CPU runs (CI) never skip them.
-kept_graphs = pytest.mark.skipif((build_info(native.load().lib_dir) or {}).get("backend") == "vulkan",
-                                 reason="kept graphs start off on Vulkan")
 
 BLOCK = 8
 # a short prompt and 120 tokens stay inside one 256-cell KV view: no step grows it
@@ -38,7 +30,6 @@ def model_path(tiny_gguf):
     return tiny_gguf("f32", tied=False)
 
 
-@kept_graphs
 def test_steady_loop_reuses_both_graphs_every_step(model_path):
     with Orthrus(model_path, n_ctx=512, n_threads=2, block_size=BLOCK, n_gpu_layers=GPU_LAYERS) as m:
         kept = m.generate(PROMPT, max_tokens=120)
@@ -53,7 +44,6 @@ def test_steady_loop_reuses_both_graphs_every_step(model_path):
     assert sum(steady_steps(single)) == 0  # without kept graphs nothing is reused: the count has power
 
 
-@kept_graphs
 def test_kept_graphs_give_bit_identical_logits(model_path):
     """A reused graph computes what a rebuilt one does: draft and verify rows bit for bit."""
     def rows(slots):
@@ -77,7 +67,6 @@ def test_kept_graphs_give_bit_identical_logits(model_path):
     assert n_slots == 7 and nbytes > 0 and (n0, b0) == (0, 0)
 
 
-@kept_graphs
 def test_least_recently_used_kinds_are_dropped(model_path):
     with NativeModel(model_path, n_ctx=512, n_batch=128, n_threads=2, n_gpu_layers=GPU_LAYERS) as nm:
         nm.set_graph_slots(3)

@@ -8,25 +8,7 @@
 #include "llama-model.h"
 
 #include <algorithm>
-#include <cstring>
 #include <utility>
-
-// Kept graphs start off where a backend is known to break under several schedulers sharing
-// one set of backends. ggml-vulkan (llama.cpp 0c1e570, Mesa 22.3 llvmpipe) crashes in a
-// forward run by a new slot's scheduler once a mat-vec + add has been fused in another
-// slot's graph (GGML_VK_DISABLE_FUSION=1 avoids it; docs/measurements/vulkan_llvmpipe_2core.json). Until
-// that is understood, a Vulkan context keeps upstream's single graph unless
-// llama_orthrus_set_graph_slots asks for more.
-static int32_t orthrus_default_max_slots(const std::vector<ggml_backend_t> & backends) {
-    for (ggml_backend_t backend : backends) {
-        ggml_backend_dev_t dev = ggml_backend_get_device(backend);
-        ggml_backend_reg_t reg = dev != nullptr ? ggml_backend_dev_backend_reg(dev) : nullptr;
-        if (reg != nullptr && std::strcmp(ggml_backend_reg_name(reg), "Vulkan") == 0) {
-            return 0;
-        }
-    }
-    return llama_orthrus_graphs::DEFAULT_MAX_SLOTS;
-}
 
 void llama_orthrus_graphs::swap(llama_context & ctx, llama_orthrus_graph_slot & s) {
     std::swap(ctx.sched,              s.sched);
@@ -74,7 +56,6 @@ llama_orthrus_graph_scope::llama_orthrus_graph_scope(llama_context & c, uint32_t
     auto & G = ctx.orthrus_graphs;
     if (!G) {
         G = std::make_shared<llama_orthrus_graphs>();
-        G->max_slots = orthrus_default_max_slots(ctx.backend_ptrs);
     }
     const auto & cp = ctx.cparams;
     if (G->max_slots <= 0 || cp.pipeline_parallel || !ctx.sched || n_tokens == 0 ||
