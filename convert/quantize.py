@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, locate
-from ..errors import OrthrusError
+from ..errors import OrthrusError, temporary_beside
 from .writer import convert_checkpoint
 
 # llama-quantize's ftype names (lower case) that need no importance matrix.
@@ -61,9 +60,9 @@ def convert_quantized(model, out, qtype: str, force: bool = False, progress: boo
     base_type = LOSSLESS[Checkpoint(src.path).config.torch_dtype]
     from .writer import make_parent
     make_parent(out)
-    with tempfile.TemporaryDirectory(prefix=".orthrus-quant-", dir=out.parent) as tmp:
-        base = convert_checkpoint(src, Path(tmp) / f"base-{base_type}.gguf", base_type, progress=progress)
-        part = Path(tmp) / "quantized.gguf"
+    with temporary_beside(out.parent, ".orthrus-quant-", directory=True) as tmp:
+        base = convert_checkpoint(src, tmp / f"base-{base_type}.gguf", base_type, progress=progress)
+        part = tmp / "quantized.gguf"
         cmd = [str(tool), *(["--imatrix", str(imatrix)] if imatrix else []),
                str(base), str(part), qtype.upper(), str(threads or os.cpu_count() or 1)]
         rc, log = run_with_progress(cmd, f"quantizing to {qtype}", progress)

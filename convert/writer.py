@@ -8,8 +8,7 @@ never leaves a half-written GGUF behind.
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from gguf import GGUFWriter
 from gguf.quants import quantize
 
 from ..checkpoint import Checkpoint, Source, locate
-from ..errors import OrthrusError
+from ..errors import OrthrusError, temporary_beside
 from . import schema
 from .vocab import add_tokenizer
 
@@ -66,32 +65,28 @@ def gguf_writer(out: Path, tensors: list[tuple[str, tuple[int, ...], QT]], metad
     (name, shape, type) are written; the block then writes each tensor's data in table order.
     The file is a temporary beside `out`, renamed to `out` when the block ends, and removed on
     any error or interruption, so no half-written GGUF is ever left."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    except OSError as e:
-        raise OrthrusError(f"{out.parent}: cannot write there ({e.strerror}); pick another output path") from None
-    os.close(fd)
-    try:
-        w = GGUFWriter(tmp, schema.ARCH)
-        metadata(w)
-        for name, shape, qt in tensors:
-            w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, qt), raw_dtype=qt)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        yield w
-        w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OrthrusError(f"{out}: writing failed ({e.strerror}); check the free space and the "
-                           f"folder's permissions (nothing was left behind)") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with ExitStack() as stack:  # the temporary goes on any error or interruption
+        try:
+            tmp = stack.enter_context(temporary_beside(out.parent, f".{out.name}.", ".part"))
+        except OSError as e:
+            raise OrthrusError(f"{out.parent}: cannot write there ({e.strerror}); pick another output path") from None
+        try:
+            w = GGUFWriter(str(tmp), schema.ARCH)
+            metadata(w)
+            for name, shape, qt in tensors:
+                w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, qt), raw_dtype=qt)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            yield w
+            w.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not O_CREAT's 0600
+            os.replace(tmp, out)
+        except OSError as e:
+            raise OrthrusError(f"{out}: writing failed ({e.strerror}); check the free space and the "
+                               f"folder's permissions (nothing was left behind)") from None
 
 
 def make_parent(out: Path) -> None:

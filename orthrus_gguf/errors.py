@@ -1,3 +1,8 @@
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+
 class OrthrusError(Exception):
     """Every error orthrus-gguf raises on purpose: the message says what failed and what to do."""
 
@@ -84,3 +89,30 @@ def interruption() -> Signalled | None:
     signum = _signalled[-1]
     _signalled.clear()
     return Signalled(signum)
+
+
+@contextmanager
+def temporary_beside(parent: Path, prefix: str, suffix: str = "", directory: bool = False):
+    """A new file (or folder) in parent, removed when the block ends unless the block moved it
+    away. A stop signal is an exception raised between any two bytecodes, so the path is named
+    before it is created and the removal covers the creation itself: a signal can never leave
+    it behind, as it could between tempfile.mkstemp's (or mkdtemp's) creating and returning."""
+    import secrets
+    import shutil
+    path = Path(parent) / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+    try:
+        try:
+            if directory:
+                path.mkdir(mode=0o700)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:  # not ours (pid and 48 random bits make this all but impossible)
+            path = None
+            raise
+        yield path
+    finally:
+        if path is not None:
+            if directory:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -115,6 +115,36 @@ def test_a_tiny_context_still_drafts():
         assert r.stats["steps_detail"][0]["block"] == 11  # a block of the 11 tokens left
 
 
+@pytest.mark.parametrize("directory", [False, True])
+def test_a_signal_right_after_a_temporary_is_made_leaves_nothing(tmp_path, monkeypatch, directory):
+    """The temporaries of convert and quantize (errors.temporary_beside): a stop signal that
+    lands right after the file or folder is created, before any code could take charge of it,
+    still leaves the folder empty (with tempfile.mkstemp / mkdtemp it stayed: a flaky
+    test_a_signal_during_convert_leaves_nothing_behind found it)."""
+    import os as os_
+    from pathlib import Path
+
+    from orthrus_gguf.errors import Signalled, temporary_beside
+    real_open, real_mkdir = os_.open, Path.mkdir
+
+    def open_then_signal(*a, **k):
+        os_.close(real_open(*a, **k))
+        raise Signalled(15)
+
+    def mkdir_then_signal(self, *a, **k):
+        real_mkdir(self, *a, **k)
+        raise Signalled(15)
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal) if directory else monkeypatch.setattr(os_, "open", open_then_signal)
+    with pytest.raises(Signalled):
+        with temporary_beside(tmp_path, ".t-", directory=directory):
+            pass
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    with temporary_beside(tmp_path, ".t-", directory=directory) as made:  # and in normal use
+        assert made.is_dir() if directory else made.is_file()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_a_signal_during_convert_leaves_nothing_behind(tmp_path, sig):
     """SIGTERM / SIGHUP while converting (and quantizing) the embedded model: exit 128+signal,
