@@ -121,20 +121,22 @@ def test_a_signal_right_after_a_temporary_is_made_leaves_nothing(tmp_path, monke
     lands right after the file or folder is created, before any code could take charge of it,
     still leaves the folder empty (with tempfile.mkstemp / mkdtemp it stayed: a flaky
     test_a_signal_during_convert_leaves_nothing_behind found it)."""
-    import os as os_
     from pathlib import Path
 
     from orthrus_gguf.errors import Signalled, temporary_beside
-    real_open, real_mkdir = os_.open, Path.mkdir
+    real_open, real_mkdir = os.open, Path.mkdir
 
     def open_then_signal(*a, **k):
-        os_.close(real_open(*a, **k))
+        os.close(real_open(*a, **k))
         raise Signalled(15)
 
     def mkdir_then_signal(self, *a, **k):
         real_mkdir(self, *a, **k)
         raise Signalled(15)
-    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal) if directory else monkeypatch.setattr(os_, "open", open_then_signal)
+    if directory:
+        monkeypatch.setattr(Path, "mkdir", mkdir_then_signal)
+    else:
+        monkeypatch.setattr(os, "open", open_then_signal)
     with pytest.raises(Signalled):
         with temporary_beside(tmp_path, ".t-", directory=directory):
             pass
