@@ -434,8 +434,9 @@ class NativeModel:
                                "llama.cpp: set flash_attn to True or None (-fa on|auto), or use an f16 V cache")
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
         # op_offload: llama.cpp's (None: its default, on), which computes the products of
-        # CPU-resident layers on a GPU for batches of >= 32 rows; an exact mode turns it off
-        # while it is on (patch 0008: the GPU's kernels are not batch-invariant)
+        # CPU-resident layers on a GPU for batches of >= 32 rows. Exact forwards run without it
+        # (the GPU's kernels are not batch-invariant; patch 0008): "verify" runs its verifies on
+        # schedulers of their own, "all" turns it off for the context while it is on
         if not (op_offload is None or isinstance(op_offload, (bool, np.bool_))):
             self.close()
             raise OrthrusError(f"op_offload must be True, False or None (llama.cpp's default), got {op_offload!r}")

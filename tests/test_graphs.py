@@ -84,44 +84,57 @@ def test_least_recently_used_kinds_are_dropped(model_path):
 
 
 def test_exact_mode_prefills_on_the_fast_kernels(model_path, monkeypatch):
-    """exact=True makes the verify forwards batch-invariant and leaves the prompt on the fast
-    kernels: its prompt logits equal a non-exact context's bit for bit, and differ from a
-    context whose every forward runs on the batch-invariant kernels (GGML_CPU_USE_REF=1, what
-    exact mode used to do; 100 tokens take the tiled flash attention on the fast path, 3e-4
-    apart here), which shows the comparison can fail. About the CPU kernels: on the CPU also
-    on a GPU machine, where op offload (off under exact) would take the 100-token products
-    to the GPU's kernels."""
+    """exact=True makes the verify forwards batch-invariant and leaves the prompt as llama.cpp
+    computes it: its prompt logits equal a non-exact context's bit for bit, and differ from a
+    context whose every forward runs on the batch-invariant CPU kernels (GGML_CPU_USE_REF=1
+    and op offload off, what exact mode used to do; 100 tokens take the tiled flash attention
+    on the fast path, 3e-4 apart here), which shows the comparison can fail. Op offload is
+    llama.cpp's default in the first two: on a build with a GPU backend and every layer on the
+    CPU, it takes the 100-token products to the GPU in both (before, exact mode turned it off
+    for the whole context, and this prompt ran on the CPU instead)."""
     prompt = np.arange(100, dtype=np.int32) * 7 % 250 + 3
 
-    def prefill_logits(exact):
+    def prefill_logits(exact, op_offload=None):
         with NativeModel(model_path, n_ctx=256, n_batch=128, n_threads=1, exact=exact,
-                         op_offload=False) as nm:
+                         op_offload=op_offload) as nm:
             nm.prefill(prompt)
             return nm.logits(1)[0].copy()
     exact, fast = prefill_logits(True), prefill_logits(False)
     monkeypatch.setenv("GGML_CPU_USE_REF", "1")  # read when the context's CPU backend starts
-    everything_ref = prefill_logits(False)
+    everything_ref = prefill_logits(False, op_offload=False)
     assert np.array_equal(exact, fast)
     assert not np.array_equal(exact, everything_ref)
 
 
-def test_exact_verify_of_a_full_block_stays_on_the_cpu(model_path):
-    """A verify of 32 tokens under exact="verify", every layer on the CPU, gives bit for bit the
-    logits of 32 one-token forwards. On a build with a GPU backend this needs llama.cpp's op
-    offload off: it sends the products of CPU-resident weights in batches of >= 32 rows
-    (GGML_OP_OFFLOAD_MIN_BATCH) to the GPU's kernels, which are not batch-invariant."""
+@pytest.mark.parametrize("slots,width,via", [(16, 32, "verify"), (0, 32, "verify"), (16, 80, "verify"),
+                                             (16, 32, "decode")])
+def test_exact_verify_of_a_full_block_stays_on_the_cpu(model_path, slots, width, via):
+    """A verify under exact="verify", every layer on the CPU, gives bit for bit the logits of
+    one-token forwards. On a build with a GPU backend this needs llama.cpp's op offload off for
+    the verify: it sends the products of CPU-resident weights in batches of >= 32 rows
+    (GGML_OP_OFFLOAD_MIN_BATCH) to the GPU's kernels, which are not batch-invariant. Exact
+    verifies get schedulers without it: a kept slot (32 tokens), or, where no slot takes the
+    batch (no slots kept; 80 > LLAMA_ORTHRUS_GRAPH_SLOT_TOKENS), one of their own. "decode":
+    the llama_decode after a draft (how llama_decode-based loops verify), whose last row the
+    prefill keeps."""
     prompt = np.arange(30, dtype=np.int32) * 7 % 250 + 3
-    toks = np.arange(32, dtype=np.int32) * 13 % 250 + 40
-    with NativeModel(model_path, n_ctx=256, n_batch=64, n_threads=2, exact="verify") as nm:
+    toks = np.arange(width, dtype=np.int32) * 13 % 250 + 40
+    with NativeModel(model_path, n_ctx=256, n_batch=128, n_threads=2, exact="verify") as nm:
+        nm.set_graph_slots(slots)
         nm.prefill(prompt)
-        nm.verify(toks, 30)
-        batch = nm.logits(32).copy()
+        if via == "verify":
+            nm.verify(toks, 30)
+            batch = nm.logits(width).copy()
+        else:
+            nm.draft(int(toks[0]), 30, 8)
+            nm.prefill(toks, 30)
+            batch = nm.logits(1).copy()
         nm.seq_rm(30)
         singles = []
         for i, t in enumerate(toks):
             nm.decode_ar([int(t)], 30 + i)
             singles.append(nm.logits(1)[0].copy())
-    assert np.array_equal(batch, np.array(singles))
+    assert np.array_equal(batch, np.array(singles if via == "verify" else singles[-1:]))
 
 
 def test_random_speed_model_loads_and_decodes(tmp_path):

@@ -14,6 +14,14 @@
 // still rebuilds. Each slot's graphs are distinct tensors, so ggml-cuda keys a CUDA graph per
 // slot and replays it. Batches that no slot takes (wide prompts, other architectures, pipeline
 // parallelism) use the context's own state, exactly as upstream.
+//
+// An exact verify (LLAMA_ORTHRUS_EXACT_VERIFY) must compute every op of a CPU-resident layer
+// on the CPU, and llama.cpp's op offload (llama_context_params.op_offload) sends the products
+// of CPU-resident weights in batches of >= 32 rows (GGML_OP_OFFLOAD_MIN_BATCH) to a GPU or
+// RPC backend, whose kernels are not batch-invariant. Op offload is a property of a
+// scheduler, so exact verifies get schedulers of their own with it off (a slot keyed by it,
+// or, where no slot takes the batch, exact_slot), and every other forward keeps the
+// context's setting: prompts still go to the GPU.
 
 #pragma once
 
@@ -34,6 +42,7 @@ struct llama_orthrus_graph_slot {
     int32_t  view     = 0;
     bool     causal   = true;
     uint32_t n_tokens = 0;
+    bool     op_offload = false; // of its scheduler: the context's, or off for exact verifies
     uint64_t last_use = 0;
 
     // swapped with llama_context::sched, gf_res_prev, gf_res_prev_active
@@ -53,19 +62,29 @@ struct llama_orthrus_graphs {
     uint64_t tick      = 0;
     const llama_orthrus_graph_slot * last = nullptr; // the slot of the previous decode (nullptr: none)
     std::vector<std::unique_ptr<llama_orthrus_graph_slot>> slots;
+    // for an exact verify that needs op offload off and that no slot takes (no slots kept,
+    // more than MAX_TOKENS or n_ubatch tokens, pipeline parallelism): made when first needed
+    std::unique_ptr<llama_orthrus_graph_slot> exact_slot;
 
-    // drop every slot (the context is about to re-reserve its scheduler, or shrink the cap)
+    // drop every slot but the `keep` most recently used (keep 0: exact_slot too; the context
+    // is about to re-reserve its scheduler, or the cap shrinks)
     void clear(llama_context & ctx, int32_t keep = 0);
+
+    int32_t n_kept() const { return (int32_t) slots.size() + (exact_slot ? 1 : 0); }
 
     size_t compute_bytes() const;
 
     // exchange the context's scheduler and previous graph results with the slot's
     static void swap(llama_context & ctx, llama_orthrus_graph_slot & s);
+
+    // a slot for that key with a scheduler like the context's own (nullptr if none was made)
+    static std::unique_ptr<llama_orthrus_graph_slot> make_slot(
+            llama_context & ctx, int32_t view, bool causal, uint32_t n_tokens, bool op_offload);
 };
 
 // For the duration of one llama_context::decode: the slot of its batch in, and out on return;
-// and, for the decode that verifies a draft under LLAMA_ORTHRUS_EXACT_VERIFY, the CPU
-// reference kernels on, and off on return.
+// and, for a verify under LLAMA_ORTHRUS_EXACT_VERIFY (a llama_orthrus_verify, or the decode
+// after a llama_orthrus_draft), the CPU reference kernels on, and off on return.
 class llama_orthrus_graph_scope {
 public:
     llama_orthrus_graph_scope(llama_context & ctx, uint32_t n_tokens);

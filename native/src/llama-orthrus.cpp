@@ -30,29 +30,31 @@ int32_t llama_context::get_orthrus_n_outputs() const {
 }
 
 // EXACT_ALL keeps the reference mode on between forwards (and leaving it turns it off);
-// EXACT_VERIFY switches it on around each verify only. Otherwise the mode stays as the
-// backend started (GGML_CPU_USE_REF).
+// EXACT_VERIFY switches it on around each verify only (llama_orthrus_graph_scope). Otherwise
+// the mode stays as the backend started (GGML_CPU_USE_REF).
 //
 // Exact forwards must also keep every op of a CPU-resident layer on the CPU: llama.cpp's op
 // offload sends the products of CPU-resident weights in batches of >= 32 rows
 // (GGML_OP_OFFLOAD_MIN_BATCH) to a GPU or RPC backend, whose kernels are not batch-invariant,
-// so a 32-token verify would not match its one-token forwards. An exact mode turns op offload
-// off and "off" gives back the context's own setting; the next decode re-reserves the
-// scheduler (and drops the kept graphs) when that changes it.
+// so a 32-token verify would not match its one-token forwards. EXACT_VERIFY runs its verifies
+// on schedulers of their own without op offload (llama-orthrus-graphs.h), so prompts keep it;
+// EXACT_ALL turns it off for the context, and leaving ALL gives back the context's own
+// setting; the next decode re-reserves the scheduler (and drops the kept graphs) when that
+// changes it.
 void llama_context::set_orthrus_exact(int32_t mode) {
-    if (mode == LLAMA_ORTHRUS_EXACT_ALL || orthrus_exact == LLAMA_ORTHRUS_EXACT_ALL) {
-        orthrus_cpu_use_ref(mode == LLAMA_ORTHRUS_EXACT_ALL);
-    }
-    const bool was_off = orthrus_exact == LLAMA_ORTHRUS_EXACT_OFF;
-    const bool off     = mode == LLAMA_ORTHRUS_EXACT_OFF;
-    if (was_off != off && backend_ptrs.size() > 1) { // only the CPU: nothing to offload to
-        if (was_off) {
-            orthrus_op_offload = cparams.op_offload;
-        }
-        const bool op_offload = off && orthrus_op_offload;
-        if (cparams.op_offload != op_offload) {
-            cparams.op_offload = op_offload;
-            sched_need_reserve = true;
+    const bool was_all = orthrus_exact == LLAMA_ORTHRUS_EXACT_ALL;
+    const bool all     = mode == LLAMA_ORTHRUS_EXACT_ALL;
+    if (was_all != all) {
+        orthrus_cpu_use_ref(all);
+        if (backend_ptrs.size() > 1) { // only the CPU: nothing to offload to
+            if (all) {
+                orthrus_op_offload = cparams.op_offload;
+            }
+            const bool op_offload = !all && orthrus_op_offload;
+            if (cparams.op_offload != op_offload) {
+                cparams.op_offload = op_offload;
+                sched_need_reserve = true;
+            }
         }
     }
     orthrus_exact = mode;
@@ -318,15 +320,11 @@ int32_t llama_orthrus_verify(llama_context * ctx, llama_seq_id seq, const llama_
     ctx->set_orthrus_view(0);
     ctx->set_causal_attn(true);
 
-    // exact: the verify on batch-invariant kernels, so that its rows equal one-token forwards
-    const bool exact = ctx->get_orthrus_exact() == LLAMA_ORTHRUS_EXACT_VERIFY;
-    if (exact) {
-        ctx->orthrus_cpu_use_ref(true);
-    }
+    // a verify: under EXACT_VERIFY on batch-invariant kernels (and without op offload), so that
+    // its rows equal one-token forwards (llama_orthrus_graph_scope)
+    ctx->set_orthrus_exact_next(true);
     status = orthrus_decode_all(ctx, seq, tokens, n, p);
-    if (exact) {
-        ctx->orthrus_cpu_use_ref(false);
-    }
+    ctx->set_orthrus_exact_next(false); // also where llama_decode returned before taking it
     if (status != LLAMA_ORTHRUS_OK) {
         // leave the cache holding exactly the positions < p
         llama_memory_seq_rm(llama_get_memory(ctx), seq, p, -1);
