@@ -107,8 +107,8 @@ def test_exact_mode_prefills_on_the_fast_kernels(model_path, monkeypatch):
 
 
 @pytest.mark.parametrize("slots,width,via", [(16, 32, "verify"), (0, 32, "verify"), (16, 80, "verify"),
-                                             (16, 32, "decode")])
-def test_exact_verify_of_a_full_block_stays_on_the_cpu(model_path, slots, width, via):
+                                             (16, 32, "decode"), (16, 32, "plain-qwen3")])
+def test_exact_verify_of_a_full_block_stays_on_the_cpu(model_path, tmp_path, slots, width, via):
     """A verify under exact="verify", every layer on the CPU, gives bit for bit the logits of
     one-token forwards. On a build with a GPU backend this needs llama.cpp's op offload off for
     the verify: it sends the products of CPU-resident weights in batches of >= 32 rows
@@ -116,13 +116,18 @@ def test_exact_verify_of_a_full_block_stays_on_the_cpu(model_path, slots, width,
     verifies get schedulers without it: a kept slot (32 tokens), or, where no slot takes the
     batch (no slots kept; 80 > LLAMA_ORTHRUS_GRAPH_SLOT_TOKENS), one of their own. "decode":
     the llama_decode after a draft (how llama_decode-based loops verify), whose last row the
-    prefill keeps."""
+    prefill keeps. "plain-qwen3": the same weights as a plain Qwen3 GGUF (no kept graphs for
+    other architectures; exact verifies are exact there too)."""
     prompt = np.arange(30, dtype=np.int32) * 7 % 250 + 3
     toks = np.arange(width, dtype=np.int32) * 13 % 250 + 40
-    with NativeModel(model_path, n_ctx=256, n_batch=128, n_threads=2, exact="verify") as nm:
+    path = model_path
+    if via == "plain-qwen3":
+        from test_native import plain_qwen3_copy
+        path = plain_qwen3_copy(model_path, tmp_path / "plain.gguf")
+    with NativeModel(path, n_ctx=256, n_batch=128, n_threads=2, exact="verify") as nm:
         nm.set_graph_slots(slots)
         nm.prefill(prompt)
-        if via == "verify":
+        if via != "decode":
             nm.verify(toks, 30)
             batch = nm.logits(width).copy()
         else:
@@ -134,7 +139,7 @@ def test_exact_verify_of_a_full_block_stays_on_the_cpu(model_path, slots, width,
         for i, t in enumerate(toks):
             nm.decode_ar([int(t)], 30 + i)
             singles.append(nm.logits(1)[0].copy())
-    assert np.array_equal(batch, np.array(singles if via == "verify" else singles[-1:]))
+    assert np.array_equal(batch, np.array(singles if via != "decode" else singles[-1:]))
 
 
 def test_random_speed_model_loads_and_decodes(tmp_path):

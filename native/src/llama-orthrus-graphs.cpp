@@ -68,16 +68,20 @@ std::unique_ptr<llama_orthrus_graph_slot> llama_orthrus_graphs::make_slot(
 }
 
 llama_orthrus_graph_scope::llama_orthrus_graph_scope(llama_context & c, uint32_t n_tokens) : ctx(c) {
-    if (ctx.model.arch != LLM_ARCH_ORTHRUS_QWEN3) {
-        return; // other architectures: upstream's behaviour, untouched
-    }
-    // the first decode after a draft verifies it: exact kernels for it under EXACT_VERIFY
+    // a verify (a llama_orthrus_verify, or the first decode after a draft): exact kernels for
+    // it under EXACT_VERIFY, whatever the architecture
     if (ctx.orthrus_exact_next) {
         ctx.orthrus_exact_next = false;
         if (ctx.orthrus_exact == LLAMA_ORTHRUS_EXACT_VERIFY && ctx.cparams.orthrus_view == 0) {
             ctx.orthrus_cpu_use_ref(true);
             exact = true;
         }
+    }
+    // kept graphs for orthrus-qwen3 only; other architectures run as upstream, but for the
+    // scheduler without op offload that an exact verify needs (and the decode after it)
+    const bool orthrus = ctx.model.arch == LLM_ARCH_ORTHRUS_QWEN3;
+    if (!orthrus && !exact && !(ctx.orthrus_graphs && ctx.orthrus_graphs->last)) {
+        return;
     }
     auto & G = ctx.orthrus_graphs;
     if (!G) {
@@ -92,10 +96,10 @@ llama_orthrus_graph_scope::llama_orthrus_graph_scope(llama_context & c, uint32_t
         G->last = nullptr;
         return;
     }
-    if (G->max_slots <= 0 || cp.pipeline_parallel || n_tokens == 0 ||
+    if (!orthrus || G->max_slots <= 0 || cp.pipeline_parallel || n_tokens == 0 ||
         n_tokens > llama_orthrus_graphs::MAX_TOKENS || n_tokens > cp.n_ubatch) {
         // with no slots kept, one graph at a time as upstream: a change of scheduler rebuilds
-        const bool single = G->max_slots <= 0;
+        const bool single = !orthrus || G->max_slots <= 0;
         if (offload == offload_ctx) {
             if (single && G->last != nullptr) {
                 ctx.gf_res_prev_active = nullptr;
