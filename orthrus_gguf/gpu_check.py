@@ -9,8 +9,12 @@
 3. measures the cost table (draft(w), verify(w), alternating pair vs back to back, w in 1..32,
    one one-token forward as the unit) with kept graphs and without (upstream's single graph),
    on orthrus-tiny f16 and on random Qwen3-1.7B- and 8B-shaped q4_k_m GGUFs;
-4. runs the demo (AR against Orthrus B=32 and auto on held-out code and math prompts);
-5. writes DIR/gpu_check.json (every figure, the targets and whether each was met; rewritten
+4. times a 500-token prompt of orthrus-tiny f16 with every layer on the CPU
+   (n_gpu_layers=0) in each exact mode: exact verifies run without llama.cpp's op offload,
+   prompts keep it, so "verify" must prefill as fast as "off" (the GPU computes the prompt's
+   products in both) and "all" shows what the CPU's batch-invariant kernels would cost;
+5. runs the demo (AR against Orthrus B=32 and auto on held-out code and math prompts);
+6. writes DIR/gpu_check.json (every figure, the targets and whether each was met; rewritten
    after every step, so a run cut short still leaves what it measured), DIR/gpu_check.png and
    DIR/gpu_check.log.
 
@@ -214,6 +218,18 @@ def cost_step(name: str, path: Path, ngl: int, widths, rounds: int, log: Log, ba
     return out
 
 
+def prefill_step(path: Path, log: Log) -> dict:
+    """bench.prefill_speed with every layer on the CPU: the exact modes' prompt tokens/s."""
+    from .bench import prefill_speed
+    from .native import NativeModel
+    with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=0) as nm:
+        r = prefill_speed(nm)
+    log(f"prefill of {r['tokens']} tokens, layers on the CPU: {r['fast_tokens_per_second']:.0f} tok/s off, "
+        f"{r['exact_tokens_per_second']:.0f} verify ({r['exact_over_fast']:.3f}x), "
+        f"{r['reference_kernels_tokens_per_second']:.0f} all")
+    return r
+
+
 def random_model(shape: str, log: Log) -> Path:
     """The random q4_k_m GGUF of a published shape (testing.write_random_gguf), kept in
     ORTHRUS_GPU_CHECK_DIR (default build/gpu-check) for a second run."""
@@ -341,9 +357,12 @@ def main(argv=None) -> int:
             models += [(f"random {shape} q4_k_m", lambda shape=shape: random_model(shape, log))
                        for shape in ("1.7b", "8b")]
         report["costs"] = {}
-        for name, make in models:
+        for i, (name, make) in enumerate(models):
             if may_start(f"costs {name}"):
                 report["costs"][name] = cost_step(name, make(), ngl, widths, rounds=2 if args.quick else 3, log=log)
+                save()
+            if i == 0 and may_start("prefill with CPU layers"):  # cheap, after the tiny model
+                report["prefill_cpu_layers"] = prefill_step(make(), log)
                 save()
         for name, key in (("random 1.7b q4_k_m", "1.7b_pair16_max"), ("random 8b q4_k_m", "8b_pair16_max")):
             if name in report["costs"]:

@@ -92,6 +92,8 @@ def test_cpu_path_as_on_the_device(device, tmp_path):
     assert [row["width"] for row in costs["kept_graphs"]["rows"]] == [1, 2, 4, 8]
     assert all(row["reused"] == 1.0 for row in costs["kept_graphs"]["rows"])
     assert set(rep["demo"]["f16"]["groups"]) == {"code", "math"}
+    pf = rep["prefill_cpu_layers"]
+    assert pf["tokens"] == 500 and pf["exact_over_fast"] > 0 and pf["reference_kernels_tokens_per_second"] > 0
     assert "tiny_auto_speedup_min" in rep["met"]
     assert (out / "gpu_check.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in (out / "gpu_check.log").read_text()
@@ -103,7 +105,7 @@ def test_spent_budget_skips_the_rest_and_says_so(device, tmp_path):
     r = _make(tree, bindir, tmp_path, "--quick --backend cpu --budget 0")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert rep["skipped"] == ["tests", "costs orthrus-tiny f16", "demo"]
+    assert rep["skipped"] == ["tests", "costs orthrus-tiny f16", "prefill with CPU layers", "demo"]
     assert "skipped demo: the budget of 0 s is spent" in r.stdout
     assert "demo" not in rep and not rep["costs"]
 
