@@ -118,6 +118,7 @@ class AutoPolicy:
         self.miss = np.full(max_block, float(prior[1]))
         self.since_probe, self.probe_every = 0, self.PROBE_MIN
         self._rates: np.ndarray | None = None  # tokens per second by warm width; None: stale
+        self._best_all: int | None = None  # best() where every warm width fits; None: stale
 
     def rates(self) -> np.ndarray:
         """Expected tokens per second of each warm width (self.widths)."""
@@ -129,6 +130,10 @@ class AutoPolicy:
 
     def best(self, limit: int) -> int:
         """The warm width <= limit with the best expected rate (ties: the narrower)."""
+        if limit >= self.max_block:  # most steps: kept until the counts change (an AR step's
+            if self._best_all is None:  # update leaves them), so it costs no numpy call
+                self._best_all = int(self.widths[int(np.argmax(self.rates()))])
+            return self._best_all
         n = int(np.searchsorted(self.widths, limit, side="right"))
         return int(self.widths[int(np.argmax(self.rates()[:max(n, 1)]))])
 
@@ -153,7 +158,7 @@ class AutoPolicy:
         probe = self.since_probe >= self.probe_every
         self.probe_every = min(2 * self.probe_every, self.PROBE_MAX) if probe else self.PROBE_MIN
         self.since_probe = 0
-        self._rates = None
+        self._rates = self._best_all = None
         self.hit *= self.DECAY  # old evidence fades: acceptance changes with the text
         self.miss *= self.DECAY
         self.hit[1:accepted + 1] += 1
