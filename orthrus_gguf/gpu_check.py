@@ -31,6 +31,7 @@ only the packages the device has plus the carried ones).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -351,8 +352,9 @@ def main(argv=None) -> int:
         from .demo import converted, embedded_model, run_demo
         widths = (1, 2, 4, 8) if args.quick else tuple(range(1, 33))
         # the tiny model first: cheap, and it anchors the rest; each model is made (the 8B
-        # shape is 4.7 GB) only when its step starts
-        models = [("orthrus-tiny f16", lambda: converted(embedded_model(), "f16"))]
+        # shape is 4.7 GB) only when its step starts. The tiny one serves two steps (its costs,
+        # the prefill), so its conversion is found once, not hashed again
+        models = [("orthrus-tiny f16", functools.cache(lambda: converted(embedded_model(), "f16")))]
         if not args.quick:
             models += [(f"random {shape} q4_k_m", lambda shape=shape: random_model(shape, log))
                        for shape in ("1.7b", "8b")]
