@@ -32,9 +32,11 @@ demo: build
 # python3 lacks, and the llama.cpp source) and run `make gpu-check`, or, without make,
 # `PYTHONPATH=.carry/site:. python3 -m orthrus_gguf.gpu_check`; results land in $OUT
 # (default out/gpu-check). Here, with the virtualenv, the same target runs the CPU path.
+# `make gpu-carry PREBUILT=cuda:90` also builds here what an H100/H200 would build and
+# carries it, so that the device compiles nothing (README, "make gpu-check").
 GPU_CHECK_FLAGS ?=
 gpu-carry: build
-	$(PY) -m orthrus_gguf.gpu_check --make-carry .carry
+	$(PY) -m orthrus_gguf.gpu_check --make-carry .carry $(if $(PREBUILT),--prebuilt $(PREBUILT))
 
 gpu-check:
 	@if [ -x $(PY) ]; then $(PY) -m orthrus_gguf.gpu_check --out "$${OUT:-out/gpu-check}" $(GPU_CHECK_FLAGS); else \

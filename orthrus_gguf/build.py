@@ -383,7 +383,12 @@ def _search_dirs() -> list[Path]:
 
 
 def _driver_library() -> Path | None:
-    """The NVIDIA driver's libcuda.so.1, where the dynamic linker or the container puts it."""
+    """The NVIDIA driver's libcuda.so.1, where the dynamic linker or the container puts it;
+    ORTHRUS_GGUF_CUDA_DRIVER names one first (a machine without the driver building for one
+    that has it links against a stub: write_driver_stub). No part of the key: what the
+    library is linked against at build time is found again by name where it runs."""
+    if os.environ.get("ORTHRUS_GGUF_CUDA_DRIVER"):
+        return Path(os.environ["ORTHRUS_GGUF_CUDA_DRIVER"])
     try:
         r = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30)
         for line in r.stdout.splitlines():
@@ -397,6 +402,36 @@ def _driver_library() -> Path | None:
         if (Path(d) / "libcuda.so.1").is_file():
             return Path(d) / "libcuda.so.1"
     return None
+
+
+# the CUDA driver API calls of ggml-cuda at the pinned commit (its VMM pool and the device's
+# attributes); a test checks this list against the pinned tree's sources
+CUDA_DRIVER_CALLS = ("cuDeviceGet", "cuDeviceGetAttribute", "cuGetErrorString", "cuMemAddressFree",
+                     "cuMemAddressReserve", "cuMemCreate", "cuMemGetAllocationGranularity", "cuMemMap",
+                     "cuMemRelease", "cuMemSetAccess", "cuMemUnmap")
+CUDA_ERROR_STUB_LIBRARY = 34  # what every call of the stub returns (cuda.h's own code for it)
+
+
+def write_driver_stub(dest_dir: str | Path) -> Path:
+    """dest_dir/libcuda.so.1: a stand-in for the NVIDIA driver's library with ggml-cuda's
+    driver calls, each failing with CUDA_ERROR_STUB_LIBRARY, so that a machine without the
+    driver can link the CUDA backend (libggml-cuda then needs libcuda.so.1 by name, the
+    driver's own where it runs). Needs a C compiler."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise OrthrusError("no C compiler (cc, gcc, clang) to build a libcuda stub with")
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    src = dest / "libcuda-stub.c"
+    src.write_text("/* written by orthrus_gguf.build.write_driver_stub: not the NVIDIA driver */\n"
+                   + "".join(f"int {name}(void) {{ return {CUDA_ERROR_STUB_LIBRARY}; }}\n"
+                             for name in CUDA_DRIVER_CALLS))
+    out = dest / "libcuda.so.1"
+    r = subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(out), str(src)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise OrthrusError(f"could not build the libcuda stub with {cc}: {r.stderr.strip()[-800:]}")
+    return out
 
 
 def cuda_completion(cache: dict[str, str], search: list[Path], driver: Path | None,

@@ -3,7 +3,9 @@
     python -m orthrus_gguf.gpu_check --out DIR [--quick] [--skip-tests]
 
 1. builds the patched llama.cpp (CUDA for the local architecture when nvcc is there, else
-   the CPU; only libllama and llama-quantize);
+   the CPU; only libllama and llama-quantize), or takes the build of the same inputs that
+   `--make-carry DIR --prebuilt cuda:90` made elsewhere and carried, once it loads here and
+   sees the GPU;
 2. runs the tests that mean something on the GPU (both views against the reference, the
    kept graphs, batched drafts) with every layer offloaded (ORTHRUS_TEST_GPU_LAYERS=-1);
 3. measures the cost table (draft(w), verify(w), alternating pair vs back to back, w in 1..32,
@@ -31,8 +33,10 @@ only the packages the device has plus the carried ones).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import importlib.util
+import io
 import json
 import os
 import platform
@@ -40,10 +44,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
-from .errors import Signalled, raise_signal
+from .errors import OrthrusError, Signalled, raise_signal
 
 ROOT = Path(__file__).resolve().parent.parent
 # the issue's targets (GPU only): what a step must cost for Orthrus to pay
@@ -53,6 +58,11 @@ TARGETS = {"tiny_auto_speedup_min": 1.3, "1.7b_pair16_max": 2.5, "8b_pair16_max"
 DEVICE_HAS = ("numpy", "torch", "safetensors", "tokenizers", "click", "jinja2", "pytest", "matplotlib", "tqdm")
 CARRY_PACKAGES = ("gguf", "llama_cpp", "diskcache")
 CARRY_SOURCE = "llama.cpp-src.tar.gz"
+# finished builds made here for the device (--prebuilt), <build key>.tar.xz, so that the
+# device compiles nothing (the CUDA backend is ~2,800 CPU-seconds); each holds CARRIED_INFO:
+# the shared libraries its files need by name, found again on the machine it lands on
+CARRIED_BUILDS = "builds"
+CARRIED_INFO = "carried.json"
 # the tests that mean something offloaded (ORTHRUS_TEST_GPU_LAYERS): both views against the
 # reference, the kept graphs, the batched drafts of several sequences, greedy picks on the GPU
 GPU_TESTS = ("tests/test_native.py", "tests/test_graphs.py", "tests/test_draft_seqs.py",
@@ -66,11 +76,12 @@ DEVICE_CACHE = ROOT / "build" / "cache"
 WORK_DIR = ROOT / "build" / "gpu-check"
 
 
-def make_carry(dest: Path) -> Path:
+def make_carry(dest: Path, prebuilt: str | None = None, preset: int = 6) -> Path:
     """DIR/site (the packages the device lacks, imported from there through PYTHONPATH) and
-    DIR/llama.cpp-src.tar.gz (the pristine llama.cpp tree: the device cannot download it).
-    Made beside DIR and moved into place whole; an existing DIR is replaced only if it is a
-    carry (or empty), never any other folder."""
+    DIR/llama.cpp-src.tar.gz (the pristine llama.cpp tree: the device cannot download it);
+    with `prebuilt` ("cuda:90", "cpu"), also DIR/builds/<key>.tar.xz, the build the check
+    would make there (prebuilt_build). Made beside DIR and moved into place whole; an existing
+    DIR is replaced only if it is a carry (or empty), never any other folder."""
     from .build import write_source_tarball
     dest = Path(dest)
     if dest.exists() and not (dest.is_dir() and (not any(dest.iterdir()) or (dest / CARRY_SOURCE).exists())):
@@ -92,11 +103,169 @@ def make_carry(dest: Path) -> Path:
             skip = ("__pycache__", "lib") if name == "llama_cpp" else ("__pycache__",)
             shutil.copytree(pkg, site / name, symlinks=False, ignore=shutil.ignore_patterns(*skip))
         write_source_tarball(tmp / CARRY_SOURCE)
+        if prebuilt:
+            pack_build(prebuilt_build(prebuilt), tmp / CARRIED_BUILDS, preset=preset)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def prebuilt_build(spec: str) -> Path:
+    """The finished build the device's check would make for `spec`, made here (or found in
+    the cache): "cuda:ARCH" (ARCH a compute capability, "90" for the H100/H200; the CUDA
+    toolkit must be here, cuBLAS may come from an nvidia-cublas wheel on PYTHONPATH, and a
+    machine without the NVIDIA driver links against a stub of it), or "cpu"."""
+    from . import build
+    backend, _, arch = spec.partition(":")
+    if backend == "cpu" and not arch:
+        return build.build("cpu", progress=True)
+    if backend != "cuda" or not arch.isdigit():
+        raise OrthrusError(f"--prebuilt {spec!r}: give cuda:ARCH (ARCH the GPU's compute capability "
+                           "without the dot, 90 for the H100/H200) or cpu")
+    saved = dict(os.environ)
+    try:
+        os.environ.update(device_build_env(arch))
+        if build._driver_library() is None:
+            os.environ["ORTHRUS_GGUF_CUDA_DRIVER"] = str(build.write_driver_stub(build.cache_root() / "cuda-stub"))
+        return build.build("cuda", progress=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _needed(f: Path) -> list[str] | None:
+    """The shared libraries an ELF file needs by name (readelf -d), or None if it is no ELF."""
+    if f.read_bytes()[:4] != b"\x7fELF":
+        return None
+    if shutil.which("readelf") is None:
+        raise OrthrusError("readelf (binutils) is needed to pack a build for another machine")
+    r = subprocess.run(["readelf", "-d", str(f)], capture_output=True, text=True, check=True)
+    return [line.split("[", 1)[1].rstrip("]") for line in r.stdout.splitlines() if "(NEEDED)" in line]
+
+
+def pack_build(lib_dir: Path, dest_dir: Path, preset: int = 6) -> Path:
+    """A finished build (build.build's folder) as dest_dir/<its key>.tar.xz, with CARRIED_INFO
+    added: the libraries each of its files needs by name. Written whole or not at all."""
+    from . import build
+    lib_dir = Path(lib_dir)
+    info = build.build_info(lib_dir)
+    if info is None or not (lib_dir / build.MARKER).is_file():
+        raise OrthrusError(f"{lib_dir} holds no finished build (no {build.MARKER} and {build.INFO})")
+    needs = {f.name: n for f in sorted(lib_dir.iterdir()) if f.is_file() and not f.is_symlink()
+             and (n := _needed(f)) is not None}
+    carried = {"key": info["key"], "made_on": platform.node(), "needs": needs}
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{info['key']}.tar.xz"
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with tarfile.open(tmp, "w:xz", preset=preset) as tar:
+            for f in sorted(lib_dir.iterdir()):
+                tar.add(f, arcname=f.name)
+            data = json.dumps(carried, indent=2).encode()
+            ti = tarfile.TarInfo(CARRIED_INFO)
+            ti.size, ti.mtime, ti.mode = len(data), int(time.time()), 0o644
+            tar.addfile(ti, io.BytesIO(data))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def unpack_carried(carry: Path, backend: str, log) -> Path | None:
+    """The carried build of these inputs (carry/builds/<key>.tar.xz), put where build.build
+    finds it, or None: no carried build, or only ones of other inputs (said in the log)."""
+    from . import build
+    tars = sorted((Path(carry) / CARRIED_BUILDS).glob("*.tar.xz"))
+    if not tars:
+        return None
+    key = build.build_key(backend)
+    want = Path(carry) / CARRIED_BUILDS / f"{key}.tar.xz"
+    if want not in tars:
+        log(f"carried build {', '.join(t.name for t in tars)}: not of these inputs ({key}), so not used")
+        return None
+    dest = build.build_dir(backend)
+    if (dest / build.MARKER).is_file():  # a second run on a warm machine
+        return dest
+    staging = dest.with_name(f".{key}.carried{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        with tarfile.open(want, "r:xz") as tar:
+            tar.extractall(staging, **kw)
+        got = build.build_info(staging)
+        if not (staging / build.MARKER).is_file() or got is None or got.get("key") != key:
+            raise OrthrusError(f"{want} holds no finished build of {key}")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(staging, dest)
+    except (tarfile.TarError, OSError, ValueError) as e:
+        raise OrthrusError(f"cannot unpack {want}: {e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"unpacked the carried build {want.name} into {dest}")
+    return dest
+
+
+def _runtime_search_dirs() -> list[Path]:
+    """Where a CUDA runtime and cuBLAS may be when the loader does not find them: the
+    toolkit's library folders, NVIDIA's wheels beside this Python (torch's), the driver's."""
+    from . import build
+    cuda_home = Path(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda")
+    dirs = [cuda_home / "lib64", cuda_home / "lib", *sorted(cuda_home.glob("targets/*/lib"))]
+    for d in build._search_dirs():
+        dirs += sorted((d / "nvidia").glob("*/lib"))
+    drv = build._driver_library()
+    dirs += [drv.parent] if drv else []
+    return [d for d in dirs if d.is_dir()]
+
+
+def runtime_libraries(lib_dir: Path) -> list[Path]:
+    """A carried build was linked elsewhere, so its files' RUNPATHs name that machine's
+    folders. The libraries they need that the loader here does not find by itself (the CUDA
+    runtime and cuBLAS, from the toolkit or torch's wheels) are looked for, loaded into this
+    process by path (a later load of the build then finds them by name) and put on
+    LD_LIBRARY_PATH for the child processes. Returns them; raises naming any found nowhere."""
+    info = json.loads((Path(lib_dir) / CARRIED_INFO).read_text())
+    ours = {p.name for p in Path(lib_dir).iterdir()}
+    wanted = sorted({n for needs in info["needs"].values() for n in needs if n not in ours})
+    found, missing = [], []
+    for name in wanted:
+        try:
+            ctypes.CDLL(name)  # the loader finds it: the system's, or the driver's
+            continue
+        except OSError:
+            pass
+        hit = next((d / name for d in _runtime_search_dirs() if (d / name).is_file()), None)
+        if hit is None:
+            missing.append(name)
+            continue
+        try:
+            ctypes.CDLL(str(hit), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise OrthrusError(f"{hit} does not load: {e}") from None
+        found.append(hit)
+    if missing:
+        raise OrthrusError(f"{', '.join(missing)} found neither by the loader nor in "
+                           f"{', '.join(map(str, _runtime_search_dirs())) or 'the CUDA toolkit or NVIDIA wheels'}")
+    dirs = list(dict.fromkeys(str(h.parent) for h in found))
+    if dirs:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
+    return found
+
+
+def probe(lib_dir: Path, backend: str) -> None:
+    """In a child process: the build at lib_dir loads and, for a GPU backend, sees a GPU."""
+    code = ("import sys; from orthrus_gguf import native; native.load()"
+            + ("; sys.exit(0 if native._local_gpus() else 3)" if backend != "cpu" else ""))
+    env = dict(os.environ, ORTHRUS_GGUF_LIB_DIR=str(lib_dir))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        what = ("loads but sees no GPU" if r.returncode == 3 else f"does not load (exit {r.returncode})"
+                if r.returncode > 0 else f"crashes loading it ({signal.Signals(-r.returncode).name})")
+        tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-4:])
+        raise OrthrusError(what + (f": {tail}" if tail else ""))
 
 
 def preflight() -> list[str]:
@@ -159,16 +328,40 @@ def cuda_arch() -> str:
         return "native"
 
 
+def device_build_env(arch: str) -> dict[str, str]:
+    """What the check builds for a GPU of compute capability `arch` ("90"): that
+    architecture's machine code only (no PTX to JIT, as the GPU is known), CPU code for any
+    x86-64-v3 host rather than this one's (GGML_NATIVE=OFF: a build made elsewhere, --prebuilt,
+    must run on the device's CPU, and the device's own build must have the same key), and
+    only libllama and llama-quantize. Part of the build key, so one function makes both."""
+    spec = f"{arch}-real" if arch.isdigit() else arch
+    return {"ORTHRUS_GGUF_CMAKE_ARGS": f"-DCMAKE_CUDA_ARCHITECTURES={spec} -DGGML_NATIVE=OFF",
+            "ORTHRUS_GGUF_TARGETS": "llama llama-quantize"}
+
+
 def build_step(backend: str, log: Log) -> Path:
     from . import build
     if backend == "cuda":
-        os.environ.setdefault("ORTHRUS_GGUF_CMAKE_ARGS", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch()}")
-        os.environ.setdefault("ORTHRUS_GGUF_TARGETS", "llama llama-quantize")
+        for k, v in device_build_env(cuda_arch()).items():
+            os.environ.setdefault(k, v)
     src = ROOT / ".carry" / CARRY_SOURCE
     if src.is_file():
         os.environ.setdefault("ORTHRUS_GGUF_LLAMA_SRC", str(src))
     t0 = time.monotonic()
+    try:
+        unpack_carried(ROOT / ".carry", backend, log)
+    except OrthrusError as e:
+        log(f"{e}: building here")
     d = build.build(backend, jobs=os.cpu_count() or 2, progress=True)
+    if (d / CARRIED_INFO).is_file():
+        try:
+            libs = runtime_libraries(d)
+            probe(d, backend)
+            log(f"the carried build works here{' with ' + ', '.join(map(str, libs)) if libs else ''}")
+        except OrthrusError as e:
+            log(f"the carried build does not work here ({e}): building here")
+            shutil.rmtree(d)
+            d = build.build(backend, jobs=os.cpu_count() or 2, progress=True)
     log(f"build {backend}: {time.monotonic() - t0:.0f} s, {d}")
     os.environ["ORTHRUS_GGUF_LIB_DIR"] = str(d)  # the tests' subprocesses load the same build
     return d
@@ -299,13 +492,23 @@ def main(argv=None) -> int:
                          "would start later are skipped and listed in the report")
     ap.add_argument("--make-carry", type=Path, metavar="DIR",
                     help="write what the device lacks into DIR (packages, llama.cpp source) and stop")
+    ap.add_argument("--prebuilt", metavar="SPEC",
+                    help="with --make-carry: also build here what the device would build and carry it "
+                         "(cuda:90 for an H100/H200, or cpu), so that the device compiles nothing")
     args = ap.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a timeout: unwind, so the report is written
         signal.signal(sig, raise_signal)
+    if args.prebuilt and not args.make_carry:
+        ap.error("--prebuilt goes with --make-carry DIR")
     if args.make_carry:
-        d = make_carry(args.make_carry)
+        try:
+            d = make_carry(args.make_carry, prebuilt=args.prebuilt)
+        except OrthrusError as e:
+            raise SystemExit(f"error: {e}") from None
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        print(f"wrote {d}: {', '.join(CARRY_PACKAGES)} and {CARRY_SOURCE}, {size / 2**20:.1f} MiB")
+        builds = [f.name for f in (d / CARRIED_BUILDS).glob("*.tar.xz")]
+        print(f"wrote {d}: {', '.join(CARRY_PACKAGES)}, {CARRY_SOURCE}"
+              + (f" and the build {builds[0]}" if builds else "") + f", {size / 2**20:.1f} MiB")
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

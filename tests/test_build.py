@@ -321,3 +321,37 @@ def test_the_carried_source_of_the_pinned_sdist_is_its_tree(tmp_path):
         got = set(t.getnames())
     assert got == want
     assert "ggml/src/ggml-cuda/template-instances/fattn-vec-instance-f16-f16.cu" in got
+
+
+def test_the_driver_stub_has_every_driver_call_of_the_pinned_ggml_cuda():
+    """CUDA_DRIVER_CALLS is what the pinned tree's ggml-cuda calls of the driver API (cu*
+    functions; cuda* is the runtime): a stub missing one would not link the device's tools."""
+    import re
+    import tarfile
+    calls = set()
+    prefix = build.SDIST_TREE + "ggml/src/ggml-cuda/"
+    with tarfile.open(build.fetch_sdist(progress=False)) as t:
+        for m in t.getmembers():
+            if m.isfile() and m.name.startswith(prefix) and m.name.endswith((".cu", ".cuh")):
+                text = t.extractfile(m).read().decode(errors="replace")
+                calls |= set(re.findall(r"\b(cu[A-Z][a-z]+\w*)\s*\(", text))
+    assert calls == set(build.CUDA_DRIVER_CALLS)
+
+
+def test_the_driver_stub_links_by_the_driver_s_name_and_fails_every_call(tmp_path):
+    """libcuda.so.1 of write_driver_stub: that soname, and each call returns
+    CUDA_ERROR_STUB_LIBRARY (in a child: the stub must not stand in for a real driver here)."""
+    stub = build.write_driver_stub(tmp_path)
+    assert stub.name == "libcuda.so.1"
+    r = subprocess.run(["readelf", "-d", stub], capture_output=True, text=True, check=True)
+    assert "Library soname: [libcuda.so.1]" in r.stdout
+    code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); "
+            "print(sorted({getattr(lib, n)() for n in sys.argv[2:]}))")
+    r = subprocess.run([sys.executable, "-c", code, stub, *build.CUDA_DRIVER_CALLS],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == f"[{build.CUDA_ERROR_STUB_LIBRARY}]" == "[34]"
+
+
+def test_a_named_driver_library_comes_first(monkeypatch, tmp_path):
+    monkeypatch.setenv("ORTHRUS_GGUF_CUDA_DRIVER", str(tmp_path / "libcuda.so.1"))
+    assert build._driver_library() == tmp_path / "libcuda.so.1"

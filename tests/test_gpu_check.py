@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from orthrus_gguf.gpu_check import CARRY_PACKAGES, CARRY_SOURCE
+from orthrus_gguf import build
+from orthrus_gguf.errors import OrthrusError
+from orthrus_gguf.gpu_check import CARRIED_BUILDS, CARRIED_INFO, CARRY_PACKAGES, CARRY_SOURCE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,14 +53,15 @@ def device(tmp_path_factory):
     base = tmp_path_factory.mktemp("device")
     tree = _tree_copy(base / "tree")
     bindir = _device_python(base / "py")
-    r = subprocess.run([sys.executable, "-m", "orthrus_gguf.gpu_check", "--make-carry", tree / ".carry"],
-                       capture_output=True, text=True, timeout=600)
+    # with this machine's CPU build, as a CUDA build made here would travel (--prebuilt)
+    r = subprocess.run([sys.executable, "-m", "orthrus_gguf.gpu_check", "--make-carry", tree / ".carry",
+                        "--prebuilt", "cpu"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return tree, bindir
 
 
-def _make(tree: Path, bindir: Path, out: Path, flags: str):
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", OUT=str(out))
+def _make(tree: Path, bindir: Path, out: Path, flags: str, **extra_env):
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", OUT=str(out), **extra_env)
     for k in ("PYTHONPATH", "VIRTUAL_ENV", "ORTHRUS_GGUF_LIB_DIR"):
         env.pop(k, None)
     return subprocess.run(["make", "--no-print-directory", "-C", tree, "gpu-check", f"GPU_CHECK_FLAGS={flags}"],
@@ -157,3 +160,112 @@ def test_costs_with_backend_sampling_add_the_host_argmax_table(tiny_gguf, tmp_pa
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     # as the device check runs a CPU: no backend sampling, so no third table
     assert "host_argmax" not in cost_step("tiny", path, 0, (1, 2), rounds=1, log=Log(tmp_path / "log2"))
+
+
+def _log(lines):
+    return lambda msg: lines.append(msg)
+
+
+def test_a_carried_build_is_used_and_nothing_is_compiled(device, tmp_path):
+    """On a machine with an empty cache, the check takes the carried build of its inputs: the
+    same files as the build here, compiled nowhere (no work tree), and it loads."""
+    tree, bindir = device
+    cache = tmp_path / "cache"
+    r = _make(tree, bindir, tmp_path / "out", "--quick --backend cpu --budget 0", ORTHRUS_GGUF_CACHE=str(cache))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    here = build.library_dir("cpu")
+    key = here.name
+    assert f"unpacked the carried build {key}.tar.xz" in r.stdout
+    assert "the carried build works here" in r.stdout
+    assert sorted(os.listdir(cache / "llama.cpp")) == [key]  # no work-cpu: nothing built
+    got = cache / "llama.cpp" / key
+    for f in here.iterdir():
+        if f.is_file() and not f.is_symlink():
+            assert (got / f.name).read_bytes() == f.read_bytes(), f.name
+        elif f.is_symlink():
+            assert os.readlink(got / f.name) == os.readlink(f)
+    info = json.loads((got / CARRIED_INFO).read_text())
+    assert info["key"] == key
+    assert "libggml.so.0" in info["needs"][next(f.name for f in here.glob("libllama.so.*.*"))]
+
+
+def test_a_carried_build_of_other_inputs_or_broken_is_not_used(tmp_path, monkeypatch):
+    """A carried build keyed otherwise is ignored, and said so; one that cannot be unpacked
+    is an error naming it that leaves nothing in the cache."""
+    from orthrus_gguf.gpu_check import unpack_carried
+    monkeypatch.setenv("ORTHRUS_GGUF_CACHE", str(tmp_path / "cache"))
+    carry = tmp_path / "carry"
+    (carry / CARRIED_BUILDS).mkdir(parents=True)
+    (carry / CARRIED_BUILDS / "cpu-0123456789abcdef.tar.xz").write_bytes(b"")
+    lines = []
+    assert unpack_carried(carry, "cpu", _log(lines)) is None
+    key = build.build_key("cpu")
+    assert lines == [f"carried build cpu-0123456789abcdef.tar.xz: not of these inputs ({key}), so not used"]
+    (carry / CARRIED_BUILDS / f"{key}.tar.xz").write_bytes(b"not xz")
+    with pytest.raises(OrthrusError, match=f"cannot unpack .*{key}.tar.xz"):
+        unpack_carried(carry, "cpu", _log(lines))
+    assert not (tmp_path / "cache" / "llama.cpp").exists() or not any((tmp_path / "cache" / "llama.cpp").iterdir())
+
+
+def test_a_carried_build_that_does_not_work_here_is_replaced_by_a_build(tmp_path, monkeypatch):
+    """The probe loads the carried build in a child; where it fails (here a libllama
+    that is no library) the carried build is removed and the check builds from source."""
+    from orthrus_gguf import gpu_check
+    from orthrus_gguf.gpu_check import Log, build_step, pack_build
+    here = build.library_dir("cpu")
+    broken = tmp_path / "broken" / here.name
+    shutil.copytree(here, broken, symlinks=True)
+    lib = next(broken.glob("libllama.so.*.*"))
+    lib.write_bytes(b"not a library")
+    root = tmp_path / "root"
+    pack_build(broken, root / ".carry" / CARRIED_BUILDS, preset=0)
+    monkeypatch.setattr(gpu_check, "ROOT", root)
+    monkeypatch.setenv("ORTHRUS_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ORTHRUS_GGUF_LIB_DIR", raising=False)
+    real, calls = build.build, []
+
+    def fake_build(backend, **kw):
+        calls.append(backend)
+        d = build.build_dir(backend)
+        return real(backend, **kw) if (d / build.MARKER).is_file() else here  # "built"
+    monkeypatch.setattr(build, "build", fake_build)
+    assert build_step("cpu", Log(tmp_path / "log")) == here
+    log = (tmp_path / "log").read_text()
+    assert "the carried build does not work here (does not load (exit 1)" in log and ": building here" in log
+    assert calls == ["cpu", "cpu"] and not build.build_dir("cpu").exists()
+
+
+def test_the_libraries_a_carried_build_needs_are_found_beside_this_python(tmp_path, monkeypatch):
+    """What the loader cannot find (cuBLAS in torch's nvidia wheels) is found there, loaded,
+    and put on LD_LIBRARY_PATH for the children; what is nowhere is named."""
+    from orthrus_gguf.gpu_check import runtime_libraries
+    wheel = tmp_path / "site" / "nvidia" / "cu13" / "lib"
+    wheel.mkdir(parents=True)
+    (tmp_path / "x.c").write_text("int orthrus_fake(void) { return 7; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libfake-orthrus.so.1", "-o",
+                    wheel / "libfake-orthrus.so.1", tmp_path / "x.c"], check=True)
+    lib_dir = tmp_path / "build"
+    lib_dir.mkdir()
+    (lib_dir / "libggml-cuda.so.0").write_bytes(b"")
+    needs = {"libggml-cuda.so.0": ["libfake-orthrus.so.1", "libc.so.6"], "libllama.so.0": ["libggml-cuda.so.0"]}
+    (lib_dir / CARRIED_INFO).write_text(json.dumps({"key": "x", "needs": needs}))
+    monkeypatch.setattr(build, "_search_dirs", lambda: [tmp_path / "site"])
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-toolkit"))
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/before")
+    assert runtime_libraries(lib_dir) == [wheel / "libfake-orthrus.so.1"]
+    assert os.environ["LD_LIBRARY_PATH"] == f"{wheel}{os.pathsep}/before"
+    needs["libllama.so.0"].append("libcublas-nowhere.so.13")
+    (lib_dir / CARRIED_INFO).write_text(json.dumps({"key": "x", "needs": needs}))
+    with pytest.raises(OrthrusError, match="libcublas-nowhere.so.13 found neither by the loader nor in"):
+        runtime_libraries(lib_dir)
+
+
+def test_prebuilt_names_what_it_takes(tmp_path):
+    for args, rc, msg in ((["--prebuilt", "cpu"], 2, "--prebuilt goes with --make-carry DIR"),
+                          (["--make-carry", tmp_path / "c", "--prebuilt", "cuda:sm90"], 1,
+                           "give cuda:ARCH (ARCH the GPU's compute capability")):
+        r = subprocess.run([sys.executable, "-m", "orthrus_gguf.gpu_check", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == rc and msg in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.part").exists()
