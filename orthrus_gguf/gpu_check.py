@@ -137,8 +137,9 @@ def prebuilt_build(spec: str) -> Path:
 
 def _needed(f: Path) -> list[str] | None:
     """The shared libraries an ELF file needs by name (readelf -d), or None if it is no ELF."""
-    if f.read_bytes()[:4] != b"\x7fELF":
-        return None
+    with open(f, "rb") as fh:
+        if fh.read(4) != b"\x7fELF":
+            return None
     if shutil.which("readelf") is None:
         raise OrthrusError("readelf (binutils) is needed to pack a build for another machine")
     r = subprocess.run(["readelf", "-d", str(f)], capture_output=True, text=True, check=True)
