@@ -69,6 +69,8 @@ GPU_TESTS = ("tests/test_native.py", "tests/test_graphs.py", "tests/test_draft_s
              "tests/test_backend_sampling.py")
 # 9 minutes of wall time for the whole check, less room for the transfers and a slow start
 DEFAULT_BUDGET_S = 480
+# a measuring step that started within the budget may run this much past it, then is stopped
+STEP_GRACE_S = 40
 # On the device, the build and the random GGUFs go under build/ (ignored) in the tree: the
 # device tool keeps ignored paths between calls to a warm machine, so a second run (after
 # one cut short by the budget) builds and writes nothing again.
@@ -390,39 +392,103 @@ def test_step(ngl: int, log: Log, timeout_s: float) -> dict:
 HOST_ARGMAX_WIDTHS = (1, 2, 4, 8, 16, 32)
 
 
-def cost_step(name: str, path: Path, ngl: int, widths, rounds: int, log: Log, backend_sampling=None) -> dict:
+def table_step(path: str, ngl: int, slots: int, backend_sampling, widths, rounds: int) -> dict:
+    """One cost table (bench.cost_table) of the GGUF at path with `slots` kept graphs."""
+    from .bench import cost_table, format_costs
+    from .native import NativeModel
+    with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=ngl, backend_sampling=backend_sampling) as nm:
+        nm.set_graph_slots(slots)
+        t0 = time.monotonic()
+        tab = cost_table(nm, [w for w in widths if w <= nm.block_size], rounds=rounds)
+    print(f"{format_costs(tab)}\n({time.monotonic() - t0:.1f} s)", flush=True)
+    return tab
+
+
+def in_child(step: str, kwargs: dict, log: Log, timeout_s: float) -> dict:
+    """CHILD_STEPS[step](**kwargs) in a child process, its output in the log: a CUDA error is
+    an abort of the process (GGML_ABORT), and it must cost that step, not the check and the
+    figures after it. A failure comes back as {"error": ...}; a child past timeout_s (the
+    budget) is stopped with everything it started."""
+    import tempfile
+    import threading
+    from .build import _kill_group
+    fd, name = tempfile.mkstemp(prefix="gpu-check-", suffix=".json")
+    os.close(fd)
+    out = Path(name)
+    cmd = [sys.executable, "-m", "orthrus_gguf.gpu_check", "--child", step, json.dumps(kwargs), str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=os.name == "posix")
+    assert proc.stdout is not None
+    tail: list[str] = []
+    timer = None
+    try:
+        fired = threading.Event()
+        timer = threading.Timer(max(1.0, timeout_s), lambda: (fired.set(), _kill_group(proc)))
+        timer.start()
+        for line in proc.stdout:
+            log("  " + line.rstrip())
+            tail = (tail + [line.rstrip()])[-5:]
+        rc = proc.wait()
+        timed_out = fired.is_set()
+    except BaseException:
+        _kill_group(proc)
+        out.unlink(missing_ok=True)
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+    try:
+        if rc == 0 and out.stat().st_size:
+            return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+    why = (f"stopped after {timeout_s:.0f} s (the check's budget)" if timed_out
+           else f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited {rc}")
+    log(f"{step} failed: {why}")
+    return {"error": f"{step} {why}", "tail": tail}
+
+
+def cost_step(name: str, path: Path, ngl: int, widths, rounds: int, log: Log, backend_sampling=None,
+              timeout_s: float = 3600.0) -> dict:
     """One model's cost table with kept graphs and with upstream's single graph, both as
     greedy decoding runs (backend sampling where offloaded, or as `backend_sampling` says);
     then, if that had backend sampling, the kept graphs again at a few widths with the logits
-    sent to the host's argmax: what backend sampling saves."""
-    from .bench import cost_table, format_costs
-    from .native import NativeModel
+    sent to the host's argmax: what backend sampling saves. Each table in its own child."""
     out = {}
+    t_end = time.monotonic() + timeout_s
 
     def run(key: str, slots: int, backend_sampling, ws) -> None:
-        with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=ngl, backend_sampling=backend_sampling) as nm:
-            nm.set_graph_slots(slots)
-            t0 = time.monotonic()
-            out[key] = tab = cost_table(nm, [w for w in widths if w <= nm.block_size and w in ws], rounds=rounds)
-        log(f"costs {name}, {key} ({time.monotonic() - t0:.0f} s):\n{format_costs(tab)}")
+        log(f"costs {name}, {key}:")
+        out[key] = in_child("table", dict(path=str(path), ngl=ngl, slots=slots, backend_sampling=backend_sampling,
+                                          widths=[w for w in widths if w in ws], rounds=rounds),
+                            log, t_end - time.monotonic())
 
     run("kept_graphs", 16, backend_sampling, widths)
     run("single_graph", 0, backend_sampling, widths)
-    if out["kept_graphs"]["backend_sampling"]:
+    if out["kept_graphs"].get("backend_sampling"):
         run("host_argmax", 16, False, HOST_ARGMAX_WIDTHS)
     return out
 
 
-def prefill_step(path: Path, log: Log) -> dict:
+def prefill_step(path: str) -> dict:
     """bench.prefill_speed with every layer on the CPU: the exact modes' prompt tokens/s."""
     from .bench import prefill_speed
     from .native import NativeModel
     with NativeModel(path, n_ctx=1024, n_batch=512, n_gpu_layers=0) as nm:
         r = prefill_speed(nm)
-    log(f"prefill of {r['tokens']} tokens, layers on the CPU: {r['fast_tokens_per_second']:.0f} tok/s off, "
-        f"{r['exact_tokens_per_second']:.0f} verify ({r['exact_over_fast']:.3f}x), "
-        f"{r['reference_kernels_tokens_per_second']:.0f} all")
+    print(f"prefill of {r['tokens']} tokens, layers on the CPU: {r['fast_tokens_per_second']:.0f} tok/s off, "
+          f"{r['exact_tokens_per_second']:.0f} verify ({r['exact_over_fast']:.3f}x), "
+          f"{r['reference_kernels_tokens_per_second']:.0f} all", flush=True)
     return r
+
+
+def demo_step(outtypes, max_tokens: int, ngl: int, max_prompts) -> dict:
+    from .demo import run_demo
+    return run_demo(tuple(outtypes), max_tokens, n_gpu_layers=ngl, max_prompts=max_prompts)
+
+
+# what in_child runs (`--child STEP KWARGS OUT`)
+CHILD_STEPS = {"table": table_step, "prefill": prefill_step, "demo": demo_step}
 
 
 def random_model(shape: str, log: Log) -> Path:
@@ -440,7 +506,7 @@ def random_model(shape: str, log: Log) -> Path:
 
 
 def pair(tab: dict, w: int) -> float | None:
-    row = next((r for r in tab["rows"] if r["width"] == w), None)
+    row = next((r for r in tab.get("rows", ()) if r["width"] == w), None)
     return row["pair_alternating"] if row else None
 
 
@@ -452,14 +518,16 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(costs)) + 1, figsize=(5 * (len(costs) + 1), 4))
     for ax, (name, tabs) in zip(axes, costs.items()):
         for key, style in (("kept_graphs", "-"), ("single_graph", "--")):
-            rows = tabs[key]["rows"]
+            rows = tabs.get(key, {}).get("rows")
+            if not rows:  # that step failed (its error is in the report)
+                continue
             w = [r["width"] for r in rows]
             ax.plot(w, [r["pair_alternating"] for r in rows], style, marker=".", label=f"draft+verify, {key}")
             ax.plot(w, [r["verify"] for r in rows], style, alpha=0.5, label=f"verify, {key}")
             if key == "kept_graphs" and all("argmax" in r for r in rows):
                 where = "token ids read" if tabs[key].get("backend_sampling") else "host argmax"
                 ax.plot(w, [r["argmax"] for r in rows], ":", label=f"{where}, w rows")
-        if "host_argmax" in tabs:  # the same forwards sending their logits to the host, in
+        if tabs.get("host_argmax", {}).get("rows") and tabs["kept_graphs"].get("rows"):  # the same forwards with their logits to the host, in
             unit = tabs["kept_graphs"]["unit_s"]  # the kept graphs' unit: one plot, one scale
             rows = tabs["host_argmax"]["rows"]
             ax.plot([r["width"] for r in rows], [(r["pair_alternating_s"] + 2 * r["argmax_s"]) / unit for r in rows],
@@ -469,7 +537,7 @@ def plot(report: dict, path: Path) -> None:
     ax = axes[-1]
     labels, vals = [], []
     for ot, rep in report.get("demo", {}).items():
-        for group, g in rep["groups"].items():
+        for group, g in (rep.get("groups", {}) if isinstance(rep, dict) else {}).items():
             for b, o in g["orthrus"].items():
                 labels.append(f"{ot}\n{group}\nB={b}")
                 vals.append(o["speedup"])
@@ -496,9 +564,15 @@ def main(argv=None) -> int:
     ap.add_argument("--prebuilt", metavar="SPEC",
                     help="with --make-carry: also build here what the device would build and carry it "
                          "(cuda:90 for an H100/H200, or cpu), so that the device compiles nothing")
+    ap.add_argument("--child", nargs=3, metavar=("STEP", "KWARGS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a timeout: unwind, so the report is written
         signal.signal(sig, raise_signal)
+    if args.child:  # one step of in_child: its result as JSON into OUT
+        step, kwargs, out = args.child
+        result = CHILD_STEPS[step](**json.loads(kwargs))
+        Path(out).write_text(json.dumps(result, default=str))
+        return 0
     if args.prebuilt and not args.make_carry:
         ap.error("--prebuilt goes with --make-carry DIR")
     if args.make_carry:
@@ -553,7 +627,7 @@ def main(argv=None) -> int:
         if not args.skip_tests and may_start("tests"):
             report["tests"] = test_step(ngl, log, timeout_s=left())
             save()
-        from .demo import converted, embedded_model, run_demo
+        from .demo import converted, embedded_model
         widths = (1, 2, 4, 8) if args.quick else tuple(range(1, 33))
         # the tiny model first: cheap, and it anchors the rest; each model is made (the 8B
         # shape is 4.7 GB) only when its step starts. The tiny one serves two steps (its costs,
@@ -565,10 +639,11 @@ def main(argv=None) -> int:
         report["costs"] = {}
         for i, (name, make) in enumerate(models):
             if may_start(f"costs {name}"):
-                report["costs"][name] = cost_step(name, make(), ngl, widths, rounds=2 if args.quick else 3, log=log)
+                report["costs"][name] = cost_step(name, make(), ngl, widths, rounds=2 if args.quick else 3, log=log,
+                                                  timeout_s=left() + STEP_GRACE_S)
                 save()
             if i == 0 and may_start("prefill with CPU layers"):  # cheap, after the tiny model
-                report["prefill_cpu_layers"] = prefill_step(make(), log)
+                report["prefill_cpu_layers"] = in_child("prefill", {"path": str(make())}, log, left() + STEP_GRACE_S)
                 save()
         for name, key in (("random 1.7b q4_k_m", "1.7b_pair16_max"), ("random 8b q4_k_m", "8b_pair16_max")):
             if name in report["costs"]:
@@ -576,11 +651,15 @@ def main(argv=None) -> int:
                 report["met"][key] = {"value": v, "met": v is not None and v <= TARGETS[key]}
         if may_start("demo"):
             log("demo …")
-            demo = run_demo(("f16",) if args.quick else ("f16", "q4_k_m"), 16 if args.quick else 96,
-                            n_gpu_layers=ngl, max_prompts=2 if args.quick else None)
+            demo = in_child("demo", dict(outtypes=["f16"] if args.quick else ["f16", "q4_k_m"],
+                                         max_tokens=16 if args.quick else 96, ngl=ngl,
+                                         max_prompts=2 if args.quick else None), log, left() + STEP_GRACE_S)
             report["demo"] = demo
-            speed = [o["speedup"] for g in demo["f16"]["groups"].values() for b, o in g["orthrus"].items() if b == "auto"]
-            report["met"]["tiny_auto_speedup_min"] = {"value": min(speed), "met": min(speed) >= TARGETS["tiny_auto_speedup_min"]}
+            if "error" not in demo:
+                speed = [o["speedup"] for g in demo["f16"]["groups"].values() for b, o in g["orthrus"].items()
+                         if b == "auto"]
+                report["met"]["tiny_auto_speedup_min"] = {"value": min(speed),
+                                                          "met": min(speed) >= TARGETS["tiny_auto_speedup_min"]}
         if backend != "cuda":
             report["met"] = {k: dict(v, note="CPU run: the targets are for the GPU") for k, v in report["met"].items()}
     except BaseException as e:  # recorded, then re-raised: a report says how far it got

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,30 @@ def test_prebuilt_names_what_it_takes(tmp_path):
         assert r.returncode == rc and msg in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.part").exists()
+
+
+def _children():
+    r = subprocess.run(["pgrep", "-f", "orthrus_gguf.gpu_check --child"], capture_output=True, text=True)
+    return r.stdout.split()
+
+
+def test_a_step_that_fails_costs_only_that_step(tmp_path):
+    """Each measuring step runs in a child: one that dies (here a GGUF that is not there; on
+    a GPU a CUDA error aborts) comes back as an error with its last words, in the log too."""
+    from orthrus_gguf.gpu_check import Log, in_child
+    log = Log(tmp_path / "log")
+    r = in_child("table", dict(path=str(tmp_path / "none.gguf"), ngl=0, slots=16, backend_sampling=None,
+                               widths=[1, 2], rounds=1), log, timeout_s=120)
+    assert r["error"] == "table exited 1" and "none.gguf" in " ".join(r["tail"])
+    assert "table failed: exited 1" in (tmp_path / "log").read_text()
+
+
+def test_a_step_past_the_budget_is_stopped_with_its_children(tmp_path):
+    """The demo (a minute here) given 3 s: stopped, said so, no child process left."""
+    from orthrus_gguf.gpu_check import Log, in_child
+    before = _children()
+    t0 = time.monotonic()
+    r = in_child("demo", dict(outtypes=["f16", "q4_k_m"], max_tokens=96, ngl=0, max_prompts=None),
+                 Log(tmp_path / "log"), timeout_s=3)
+    assert r["error"] == "demo stopped after 3 s (the check's budget)"
+    assert time.monotonic() - t0 < 30 and _children() == before
