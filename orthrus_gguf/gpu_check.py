@@ -192,12 +192,8 @@ def unpack_carried(carry: Path, backend: str, log) -> Path | None:
     if (dest / build.MARKER).is_file():  # a second run on a warm machine
         return dest
     staging = dest.with_name(f".{key}.carried{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        with tarfile.open(want, "r:xz") as tar:
-            tar.extractall(staging, **kw)
+        build.extract_tree(want, staging, prefix="")
         got = build.build_info(staging)
         if not (staging / build.MARKER).is_file() or got is None or got.get("key") != key:
             raise OrthrusError(f"{want} holds no finished build of {key}")
@@ -233,14 +229,15 @@ def runtime_libraries(lib_dir: Path) -> list[Path]:
     info = json.loads((Path(lib_dir) / CARRIED_INFO).read_text())
     ours = {p.name for p in Path(lib_dir).iterdir()}
     wanted = sorted({n for needs in info["needs"].values() for n in needs if n not in ours})
-    found, missing = [], []
+    found, missing, search = [], [], None
     for name in wanted:
         try:
             ctypes.CDLL(name)  # the loader finds it: the system's, or the driver's
             continue
         except OSError:
             pass
-        hit = next((d / name for d in _runtime_search_dirs() if (d / name).is_file()), None)
+        search = _runtime_search_dirs() if search is None else search  # once: it runs ldconfig
+        hit = next((d / name for d in search if (d / name).is_file()), None)
         if hit is None:
             missing.append(name)
             continue
@@ -251,7 +248,7 @@ def runtime_libraries(lib_dir: Path) -> list[Path]:
         found.append(hit)
     if missing:
         raise OrthrusError(f"{', '.join(missing)} found neither by the loader nor in "
-                           f"{', '.join(map(str, _runtime_search_dirs())) or 'the CUDA toolkit or NVIDIA wheels'}")
+                           f"{', '.join(map(str, search)) or 'the CUDA toolkit or NVIDIA wheels'}")
     dirs = list(dict.fromkeys(str(h.parent) for h in found))
     if dirs:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
