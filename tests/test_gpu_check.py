@@ -222,7 +222,9 @@ def test_a_carried_build_that_does_not_work_here_is_replaced_by_a_build(tmp_path
     pack_build(broken, root / ".carry" / CARRIED_BUILDS, preset=0)
     monkeypatch.setattr(gpu_check, "ROOT", root)
     monkeypatch.setenv("ORTHRUS_GGUF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("ORTHRUS_GGUF_LIB_DIR", raising=False)
+    # build_step sets it: set first, so that monkeypatch takes it away again afterwards
+    monkeypatch.setenv("ORTHRUS_GGUF_LIB_DIR", "")
+    monkeypatch.delenv("ORTHRUS_GGUF_LIB_DIR")
     real, calls = build.build, []
 
     def fake_build(backend, **kw):
