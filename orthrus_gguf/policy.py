@@ -8,9 +8,13 @@ size, and the block size): the patched llama.cpp keeps a graph per attention vie
 width, so a small fixed set of widths keeps every forward on a kept graph.
 
 While AR wins, auto still probes a short draft now and then (after 16, then 32, ... up to
-512 AR steps) so that acceptance stays measured; where no width could pay even if every
-draft were accepted (draft(b) + verify(b) >= b * verify(1) for every b, as on a 2-core
-CPU), it never probes: it is plain AR.
+512 AR steps) so that acceptance stays measured, but only where a probe could change the
+choice: a probe of width P measures drafts 1..P-1 alone, so it is skipped unless some width
+would beat AR with those drafts always accepted and the others as estimated. Where no width
+could pay even if every draft were accepted (draft(b) + verify(b) >= b * verify(1) for every
+b), or only wide widths could, and only with nearly every draft accepted (as on the 2-core CPUs
+measured here: the best 16- or 32-wide step costs 0.72-0.90 of its width in one-token
+forwards), it never probes: it is plain AR.
 
 The server's drafter has a C++ copy of this policy (native/src/llama-orthrus-policy.cpp);
 both are checked against tests/data/policy_vectors.json.
@@ -119,14 +123,28 @@ class AutoPolicy:
         self.since_probe, self.probe_every = 0, self.PROBE_MIN
         self._rates: np.ndarray | None = None  # tokens per second by warm width; None: stale
         self._best_all: int | None = None  # best() where every warm width fits; None: stale
+        self._probe_helps: bool | None = None  # probe_helps(); None: stale
+
+    def _rates_of(self, a: np.ndarray) -> np.ndarray:
+        """Tokens per second of each warm width given a[j-1] = P(draft j accepted | drafts < j were)."""
+        expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(a))])  # E(b), b = 1..max_block
+        return expected[self.widths - 1] / self.cost
 
     def rates(self) -> np.ndarray:
         """Expected tokens per second of each warm width (self.widths)."""
         if self._rates is None:
-            a = self.hit[1:] / (self.hit[1:] + self.miss[1:])
-            expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(a))])  # E(b), b = 1..max_block
-            self._rates = expected[self.widths - 1] / self.cost
+            self._rates = self._rates_of(self.hit[1:] / (self.hit[1:] + self.miss[1:]))
         return self._rates
+
+    def probe_helps(self) -> bool:
+        """Whether probes could ever make a width beat AR: with the probe's drafts (1..P-1 for
+        the probe width P) always accepted, and the later ones as estimated."""
+        if self._probe_helps is None:
+            a = self.hit[1:] / (self.hit[1:] + self.miss[1:])
+            a[: self.best_probe(self.max_block) - 1] = 1.0
+            r = self._rates_of(a)
+            self._probe_helps = bool(np.any(r[1:] > r[0]))
+        return self._probe_helps
 
     def best(self, limit: int) -> int:
         """The warm width <= limit with the best expected rate (ties: the narrower)."""
@@ -141,8 +159,8 @@ class AutoPolicy:
         if not self.pays or limit < 2:
             return 1
         b = self.best(limit)
-        if b == 1 and self.since_probe >= self.probe_every:  # refresh the acceptance estimate cheaply
-            return self.best_probe(limit)
+        if b == 1 and self.since_probe >= self.probe_every and self.probe_helps():
+            return self.best_probe(limit)  # refresh the acceptance estimate cheaply
         return b
 
     def best_probe(self, limit: int) -> int:
@@ -158,7 +176,7 @@ class AutoPolicy:
         probe = self.since_probe >= self.probe_every
         self.probe_every = min(2 * self.probe_every, self.PROBE_MAX) if probe else self.PROBE_MIN
         self.since_probe = 0
-        self._rates = self._best_all = None
+        self._rates = self._best_all = self._probe_helps = None
         self.hit *= self.DECAY  # old evidence fades: acceptance changes with the text
         self.miss *= self.DECAY
         self.hit[1:accepted + 1] += 1

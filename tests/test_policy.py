@@ -160,6 +160,58 @@ def test_no_width_pays_means_no_probe_ever():
     assert set(picks) == {1}
 
 
+# the calibrations (policy.measure_costs, ms by warm width) that `bench` recorded on this
+# project's 2-core CPUs, and whether some width could pay there with every draft accepted
+# (draft(w) + verify(w) < w verify(1); read off the files: 16 and 32 cost 0.57-0.92 of
+# their width in the three that can, every width 1.24-2.21 in f16's demo run)
+MEASURED = Path(__file__).parent.parent / "docs" / "measurements"
+CPU_CALIBRATIONS = {("costs_cpu_2core_amd.json", ()): True, ("costs_cpu_2core_intel.json", ()): True,
+                    ("demo_cpu_2core.json", ("f16",)): False, ("demo_cpu_2core.json", ("q4_k_m",)): True}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("source", CPU_CALIBRATIONS, ids=lambda s: "-".join((s[0].split(".")[0],) + s[1]))
+def test_measured_cpu_costs_decode_plain_ar(impl, source):
+    """On the CPUs measured here a wide step could pay only with nearly every draft accepted,
+    which a width-4 probe can never show: a fresh auto policy never drafts, not even a probe,
+    in 2,000 steps (before, it probed after 16, 32, ... AR steps, each probe a loss)."""
+    name, keys = source
+    rep = json.loads((MEASURED / name).read_text())
+    for k in keys:
+        rep = rep[k]
+    ms = rep["forward_cost_ms"]
+    draft = {int(w): c for w, c in ms["draft"].items()}
+    verify = {int(w): c for w, c in ms["verify"].items()}
+    p = IMPLEMENTATIONS[impl](32, draft, verify)
+    try:
+        if impl == "python":
+            assert p.pays is CPU_CALIBRATIONS[source]
+        picks = set()
+        for _ in range(2000):
+            picks.add(p.choose(1000))
+            p.update(0, 0)
+        assert picks == {1}
+    finally:
+        getattr(p, "close", lambda: None)()
+
+
+def test_probe_skipped_only_where_it_cannot_pay():
+    """The same costs, two acceptance histories: a probe is due after 16 AR steps. Where the
+    widths beyond the probe were seen rejected, drafts 1..3 alone cannot make any width pay
+    (E(4) <= 4 at cost 5.2): no probe. Where they were seen accepted, they can: a probe."""
+    costs = {1: 1.0, 2: 2.6, 4: 5.2, 8: 6.0, 16: 6.5, 32: 7.0}  # draft + verify
+    draft, verify = {w: c - 1.0 for w, c in costs.items() if w > 1}, {w: 1.0 for w in costs}
+    for accepted_later, want in ((False, 1), (True, 4)):
+        p = AutoPolicy(32, draft, verify)
+        p.hit[1:4] = 0.0  # drafts 1..3: seen rejected (AR wins now) ...
+        p.miss[1:4] = 50.0
+        p.hit[4:], p.miss[4:] = (50.0, 0.5) if accepted_later else (0.5, 50.0)  # ... 4..31: as given
+        assert p.choose(1000) == 1
+        for _ in range(16):
+            p.update(0, 0)
+        assert p.choose(1000) == want, accepted_later
+
+
 def test_only_warm_widths_are_chosen():
     gpu = {w: 1.0 + 0.01 * w for w in warm_widths(32)}
     p = AutoPolicy(32, {w: 0.2 for w in gpu if w > 1}, gpu)

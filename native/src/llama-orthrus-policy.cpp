@@ -5,7 +5,9 @@
 // A step with block b costs draft(b) + verify(b) and emits E(b) = 1 + sum_{i<b} prod_{j<=i} a_j
 // tokens; a plain AR step costs verify(1) for one token. The choice is the warm width <= limit
 // with the best E(b) / cost(b); while AR wins, a short probe follows 16, 32, ... 512 AR
-// steps; where no width could pay even with every draft accepted, it is always AR.
+// steps, if a probe could change the choice (some width beats AR with the probe's drafts
+// always accepted and the later ones as estimated); else, and where no width could pay even
+// with every draft accepted, it is always AR.
 
 #include "llama.h"
 
@@ -40,26 +42,38 @@ struct llama_orthrus_policy {
     std::vector<double>  hit, miss;  // Beta counts by draft index 1..max_block-1
     std::vector<double>  rates;      // expected tokens per second, by warm width
     bool    pays        = false;
-    bool    stale       = true;
+    bool    probe_helps = false;      // could a probe make a width beat AR (policy.py's probe_helps)
+    bool    stale       = true;       // rates and probe_helps
     int32_t since_probe = 0;
     int32_t probe_every = ORTHRUS_PROBE_MIN;
+
+    // the rate of each warm width, with drafts 1..n_sure always accepted and the others as
+    // estimated: E(b) for b = 1..max_block (summed in the order of policy.py's
+    // cumprod/cumsum, so both round alike), then E / cost
+    std::vector<double> rates_of(int32_t n_sure) const {
+        std::vector<double> expected(max_block + 1, 1.0);
+        double run = 1.0, sum = 0.0;
+        for (int32_t b = 2; b <= max_block; ++b) {
+            run *= b - 1 <= n_sure ? 1.0 : hit[b - 1] / (hit[b - 1] + miss[b - 1]);
+            sum += run;
+            expected[b] = 1.0 + sum;
+        }
+        std::vector<double> r(widths.size());
+        for (size_t i = 0; i < widths.size(); ++i) {
+            r[i] = expected[widths[i]] / cost[i];
+        }
+        return r;
+    }
 
     void refresh() {
         if (!stale) {
             return;
         }
-        // E(b) for b = 1..max_block, then the rate of each warm width
-        // (summed in the order of policy.py's cumprod/cumsum, so both round alike)
-        std::vector<double> expected(max_block + 1, 1.0);
-        double run = 1.0, sum = 0.0;
-        for (int32_t b = 2; b <= max_block; ++b) {
-            run *= hit[b - 1] / (hit[b - 1] + miss[b - 1]);
-            sum += run;
-            expected[b] = 1.0 + sum;
-        }
-        rates.resize(widths.size());
-        for (size_t i = 0; i < widths.size(); ++i) {
-            rates[i] = expected[widths[i]] / cost[i];
+        rates = rates_of(0);
+        const std::vector<double> sure = rates_of(probe_width(max_block) - 1);
+        probe_helps = false;
+        for (size_t i = 1; i < sure.size(); ++i) {
+            probe_helps = probe_helps || sure[i] > sure[0];
         }
         stale = false;
     }
@@ -138,8 +152,8 @@ int32_t llama_orthrus_policy_choose(llama_orthrus_policy * p, int32_t limit) {
         return 1;
     }
     const int32_t b = p->best(limit);
-    if (b == 1 && p->since_probe >= p->probe_every) { // refresh the acceptance estimate cheaply
-        return p->probe_width(limit);
+    if (b == 1 && p->since_probe >= p->probe_every && p->probe_helps) { // best() refreshed it
+        return p->probe_width(limit); // refresh the acceptance estimate cheaply
     }
     return b;
 }
